@@ -1,0 +1,273 @@
+"""Turning payloads into message bodies and bodies back into envelopes, with reused codecs.
+
+Three wire formats: ``json`` (the envelope as CloudEvents structured JSON, the default),
+``msgpack`` (the same envelope in MessagePack) and ``raw`` (just the payload; metadata travels
+in native headers as CloudEvents binary-mode ``ce-*`` attributes where the transport has them).
+Decoding never trusts the sender's format: our envelopes in either encoding, foreign bare JSON
+and opaque bytes all arrive as envelopes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any, Literal, TypeAlias
+
+import msgspec
+
+from ._envelope import (
+    BYTES_CONTENT_TYPE,
+    DEFAULT_TYPE,
+    JSON_CONTENT_TYPE,
+    Envelope,
+    new_id,
+)
+from ._errors import DecodeError, EncodeError, InvalidURL
+
+__all__ = ["Codec", "EnvelopeDecoder", "WireFormat"]
+
+WireFormat: TypeAlias = Literal["json", "msgpack", "raw"]
+FORMATS: tuple[WireFormat, ...] = ("json", "msgpack", "raw")
+
+_json_encoder = msgspec.json.Encoder()
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_json_any = msgspec.json.Decoder()
+# First bytes of a MessagePack map (fixmap, map16, map32): how we tell msgpack from JSON.
+_MSGPACK_MAP = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
+_EMPTY: bytes = b""
+
+
+def check_format(value: object) -> WireFormat:
+    """Validate a ``format`` option.
+
+    Raises:
+        InvalidURL: not one of json, msgpack, raw.
+    """
+    if value not in FORMATS:
+        raise InvalidURL(f"format={value!r} is not one of {', '.join(FORMATS)}")
+    return value
+
+
+class Codec:
+    """Encodes outgoing messages for one bus.
+
+    Args:
+        fmt: The wire format.
+        source: The CloudEvents ``source`` stamped on every envelope.
+    """
+
+    __slots__ = ("fmt", "source")
+
+    def __init__(self, fmt: WireFormat, source: str) -> None:
+        self.fmt = fmt
+        self.source = source
+
+    def encode_payload(self, payload: Any) -> bytes:
+        """Encode just the payload (``raw`` format); bytes pass through unchanged.
+
+        Raises:
+            EncodeError: the payload is not encodable.
+        """
+        if isinstance(payload, bytes):
+            return payload
+        try:
+            return _json_encoder.encode(payload)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(
+                f"cannot encode payload of type {type(payload).__name__}: {exc}"
+            ) from None
+
+    def envelope(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+        type: str | None = None,
+    ) -> Envelope[Any]:
+        """Build the envelope for an outgoing message."""
+        return Envelope(
+            id=new_id(),
+            source=self.source,
+            type=type or DEFAULT_TYPE,
+            time=datetime.now(UTC),
+            topic=topic,
+            payload=payload,
+            content_type=BYTES_CONTENT_TYPE if isinstance(payload, bytes) else JSON_CONTENT_TYPE,
+            headers=dict(headers) if headers else {},
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+        )
+
+    def encode_envelope(self, env: Envelope[Any], fmt: WireFormat | None = None) -> bytes:
+        """Encode a whole envelope in ``fmt`` (default: this codec's format, raw → json).
+
+        Raises:
+            EncodeError: the payload is not encodable.
+        """
+        fmt = fmt or self.fmt
+        try:
+            if fmt == "msgpack":
+                return _msgpack_encoder.encode(env)
+            return _json_encoder.encode(env)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(
+                f"cannot encode payload of type {type(env.payload).__name__} for topic "
+                f"{env.topic!r}: {exc}"
+            ) from None
+
+    @staticmethod
+    def binary_headers(env: Envelope[Any]) -> dict[str, str]:
+        """The envelope's metadata as CloudEvents binary-mode headers plus its own headers."""
+        out = dict(env.headers)
+        out["ce-specversion"] = "1.0"
+        out["ce-id"] = env.id
+        out["ce-source"] = env.source
+        out["ce-type"] = env.type
+        out["ce-time"] = env.time.isoformat()
+        out["content-type"] = env.content_type
+        if env.correlation_id is not None:
+            out["ce-correlationid"] = env.correlation_id
+        if env.reply_to is not None:
+            out["ce-replyto"] = env.reply_to
+        return out
+
+
+class EnvelopeDecoder:
+    """Decodes received bodies into envelopes whose payload has one type (Any by default).
+
+    Instances are cached per type (see `decoder_for`); msgspec decoders are reused.
+    """
+
+    __slots__ = ("_json", "_json_payload", "_msgpack", "_msgpack_payload", "_type", "_untyped")
+
+    def __init__(self, tp: Any = Any) -> None:
+        self._type = tp
+        self._untyped = tp is Any
+        self._json = msgspec.json.Decoder(Envelope[tp])
+        self._msgpack = msgspec.msgpack.Decoder(Envelope[tp])
+        self._json_payload = msgspec.json.Decoder(tp)
+        self._msgpack_payload = msgspec.msgpack.Decoder(tp)
+
+    def decode(
+        self, topic: str, data: bytes, headers: Mapping[str, str] | None = None
+    ) -> Envelope[Any]:
+        """Decode one body received on ``topic``.
+
+        Raises:
+            DecodeError: the body is an envelope whose payload does not fit the type, or a bare
+                body that does not fit it.
+        """
+        if not data:
+            return self._bare(topic, _EMPTY, headers, BYTES_CONTENT_TYPE)
+        is_msgpack = data[0] in _MSGPACK_MAP
+        try:
+            env: Envelope[Any] = (self._msgpack if is_msgpack else self._json).decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return self._slow(topic, data, headers, is_msgpack)
+        if (
+            env.content_type == BYTES_CONTENT_TYPE
+            and self._untyped
+            and isinstance(env.payload, str)
+        ):
+            # JSON carries bytes as base64 text; give back the bytes that were published.
+            env = msgspec.structs.replace(
+                env, payload=msgspec.json.decode(b'"' + env.payload.encode() + b'"', type=bytes)
+            )
+        if not env.topic:
+            env = msgspec.structs.replace(env, topic=topic)
+        return env
+
+    def _slow(
+        self, topic: str, data: bytes, headers: Mapping[str, str] | None, is_msgpack: bool
+    ) -> Envelope[Any]:
+        """Tell a typed-payload mismatch inside our envelope from a foreign bare body."""
+        raw_decoder = _raw_envelope_msgpack if is_msgpack else _raw_envelope_json
+        try:
+            shell = raw_decoder.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return self._foreign(topic, data, headers)
+        payload_decoder = self._msgpack_payload if is_msgpack else self._json_payload
+        try:
+            payload = payload_decoder.decode(shell.payload)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise DecodeError(
+                f"payload on {topic!r} does not match {_type_name(self._type)}: {exc}", topic=topic
+            ) from None
+        return msgspec.structs.replace(shell, payload=payload, topic=shell.topic or topic)
+
+    def _foreign(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> Envelope[Any]:
+        """A body that is not an envelope: bare JSON from another client, or opaque bytes."""
+        try:
+            payload: Any = self._json_payload.decode(data)
+        except msgspec.ValidationError as exc:
+            raise DecodeError(
+                f"payload on {topic!r} does not match {_type_name(self._type)}: {exc}", topic=topic
+            ) from None
+        except msgspec.DecodeError:
+            if self._untyped or self._type is bytes:
+                return self._bare(topic, data, headers, BYTES_CONTENT_TYPE)
+            raise DecodeError(
+                f"body on {topic!r} is not JSON and cannot become {_type_name(self._type)}",
+                topic=topic,
+            ) from None
+        return self._bare(topic, payload, headers, JSON_CONTENT_TYPE)
+
+    @staticmethod
+    def _bare(
+        topic: str, payload: Any, headers: Mapping[str, str] | None, content_type: str
+    ) -> Envelope[Any]:
+        """Wrap a bare payload, taking CloudEvents binary-mode ``ce-*`` headers if present."""
+        if not headers:
+            return Envelope(
+                id=new_id(),
+                source="",
+                type="",
+                time=datetime.now(UTC),
+                topic=topic,
+                payload=payload,
+                content_type=content_type,
+            )
+        own: dict[str, str] = {}
+        meta: dict[str, str] = {}
+        for key, value in headers.items():
+            if key.startswith("ce-"):
+                meta[key[3:]] = value
+            elif key != "content-type":
+                own[key] = value
+        when = datetime.now(UTC)
+        if "time" in meta:
+            with contextlib.suppress(ValueError):
+                when = datetime.fromisoformat(meta["time"])
+        return Envelope(
+            id=meta.get("id") or new_id(),
+            source=meta.get("source", ""),
+            type=meta.get("type", ""),
+            time=when,
+            topic=topic,
+            payload=payload,
+            content_type=headers.get("content-type", content_type)
+            if payload != _EMPTY
+            else content_type,
+            headers=own,
+            correlation_id=meta.get("correlationid"),
+            reply_to=meta.get("replyto"),
+        )
+
+
+_raw_envelope_json = msgspec.json.Decoder(Envelope[msgspec.Raw])
+_raw_envelope_msgpack = msgspec.msgpack.Decoder(Envelope[msgspec.Raw])
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or repr(tp)
+
+
+@lru_cache(maxsize=256)
+def decoder_for(tp: Any = Any) -> EnvelopeDecoder:
+    """Return the shared decoder for payload type ``tp`` (built once per type)."""
+    return EnvelopeDecoder(tp)

@@ -1,0 +1,224 @@
+"""The in-process ``memory://`` transport: the zero-dependency default and the executable spec.
+
+``memory://name`` buses in one process share one broker per name for the life of the process
+(retained messages outlive every connection); different names are isolated. Delivery is
+synchronous into each subscription's queue, so ordering is exact, and flow control makes a fast
+publisher wait for a full subscriber instead of growing memory or dropping.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from ._capabilities import Capabilities
+from ._errors import BusClosed, InvalidURL
+from ._topics import topic_matches
+from ._transport import Message, MessageSink, Transport, TransportSubscription
+from ._url import BusURL, parse_int
+
+__all__ = ["MemoryBroker", "MemoryTransport"]
+
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+
+
+class _Member:
+    """One subscription registered with a `MemoryBroker`."""
+
+    __slots__ = ("pattern", "queue", "sink")
+
+    def __init__(self, pattern: str, sink: MessageSink, queue: str | None) -> None:
+        self.pattern = pattern
+        self.sink = sink
+        self.queue = queue
+
+
+class _Route:
+    """The subscriptions one concrete topic reaches: plain ones and queue groups."""
+
+    __slots__ = ("groups", "plain")
+
+    def __init__(
+        self, plain: list[_Member], groups: list[tuple[list[_Member], itertools.count[int]]]
+    ) -> None:
+        self.plain = plain
+        self.groups = groups
+
+
+class MemoryBroker:
+    """An in-process broker: subscriptions, retained messages and queue groups for one name."""
+
+    _brokers: ClassVar[dict[str, MemoryBroker]] = {}
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.members: list[_Member] = []
+        self.retained: dict[str, tuple[bytes, Mapping[str, str] | None]] = {}
+        self._routes: dict[str, _Route] = {}
+        self._group_counters: dict[tuple[str, str], itertools.count[int]] = {}
+
+    @classmethod
+    def named(cls, name: str) -> MemoryBroker:
+        """Return the process-wide broker called ``name``, creating it on first use."""
+        broker = cls._brokers.get(name)
+        if broker is None:
+            broker = cls._brokers[name] = cls(name)
+        return broker
+
+    def add(self, member: _Member) -> None:
+        """Register a subscription, replaying matching retained messages to it first."""
+        if member.queue is None:
+            pattern = member.pattern
+            for topic, (data, headers) in list(self.retained.items()):
+                if topic_matches(pattern, topic):
+                    member.sink.deliver(Message(topic, data, headers, retained=True))
+        self.members.append(member)
+        self._routes.clear()
+
+    def remove(self, member: _Member) -> None:
+        """Unregister a subscription (no-op when it is already gone)."""
+        try:
+            self.members.remove(member)
+        except ValueError:
+            return
+        self._routes.clear()
+
+    def route(self, topic: str) -> _Route:
+        """Return (and cache) the subscriptions a concrete topic reaches."""
+        route = self._routes.get(topic)
+        if route is None:
+            plain: list[_Member] = []
+            grouped: dict[tuple[str, str], list[_Member]] = {}
+            for m in self.members:
+                if topic_matches(m.pattern, topic):
+                    if m.queue is None:
+                        plain.append(m)
+                    else:
+                        grouped.setdefault((m.queue, m.pattern), []).append(m)
+            groups = [
+                (members, self._group_counters.setdefault(key, itertools.count()))
+                for key, members in grouped.items()
+            ]
+            if len(self._routes) > 10_000:
+                self._routes.clear()
+            route = self._routes[topic] = _Route(plain, groups)
+        return route
+
+    def set_retained(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> None:
+        """Store (or, with an empty body, clear) the retained message of a topic."""
+        if data:
+            self.retained[topic] = (data, dict(headers) if headers else None)
+        else:
+            self.retained.pop(topic, None)
+
+
+class MemoryTransport(Transport):
+    """The ``memory://[name]`` transport: an in-process broker shared by name.
+
+    Options:
+        max_payload: Largest body in bytes (default 1 MiB, like NATS), to catch runaway payloads
+            the same way a network broker would.
+    """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        max_qos=2,
+        retain=True,
+        wildcards=True,
+        headers=True,
+        queue_groups=True,
+        request_reply=True,
+        will=False,
+        persistence=False,
+        ordering=True,
+        max_payload=DEFAULT_MAX_PAYLOAD,
+    )
+
+    def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
+        super().__init__(url, options)
+        unknown = set(self.options) - {"max_payload"}
+        if unknown:
+            raise InvalidURL(
+                f"unknown option(s) for memory://: {', '.join(sorted(unknown))} "
+                "(memory:// accepts max_payload)"
+            )
+        self._max_payload = parse_int(
+            "max_payload", self.options.get("max_payload", DEFAULT_MAX_PAYLOAD)
+        )
+        self.broker = MemoryBroker.named(url.host or url.name or "default")
+        self._members: list[_Member] = []
+        self._open = False
+
+    @property
+    def max_payload(self) -> int | None:
+        """Largest body accepted, in bytes."""
+        return self._max_payload
+
+    async def connect(self) -> None:
+        """Attach to the named in-process broker."""
+        self._open = True
+
+    async def aclose(self) -> None:
+        """Remove this connection's subscriptions; retained messages stay with the broker."""
+        self._open = False
+        for member in self._members:
+            self.broker.remove(member)
+        self._members.clear()
+
+    async def publish(
+        self,
+        topic: str,
+        data: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Deliver synchronously to every matching subscription, waiting on full ones."""
+        if not self._open:
+            raise BusClosed("memory transport is closed")
+        broker = self.broker
+        if retain:
+            broker.set_retained(topic, data, headers)
+        route = broker._routes.get(topic) or broker.route(topic)
+        message = Message(topic, data, headers, qos=qos)
+        full: list[MessageSink] | None = None
+        for member in route.plain:
+            if not member.sink.deliver(message):
+                (full := full or []).append(member.sink)
+        for members, counter in route.groups:
+            sink = members[next(counter) % len(members)].sink
+            if not sink.deliver(message):
+                (full := full or []).append(sink)
+        if full:
+            for sink in full:
+                await sink.ready()
+
+    async def subscribe(
+        self,
+        pattern: str,
+        sink: MessageSink,
+        *,
+        qos: int = 0,
+        queue: str | None = None,
+    ) -> TransportSubscription:
+        """Register with the broker; retained messages are delivered before this returns."""
+        if not self._open:
+            raise BusClosed("memory transport is closed")
+        member = _Member(pattern, sink, queue)
+        self.broker.add(member)
+        self._members.append(member)
+        return _MemoryHandle(self, member)
+
+
+class _MemoryHandle(TransportSubscription):
+    __slots__ = ("member", "transport")
+
+    def __init__(self, transport: MemoryTransport, member: _Member) -> None:
+        self.transport = transport
+        self.member = member
+
+    async def unsubscribe(self) -> None:
+        self.transport.broker.remove(self.member)
+        if self.member in self.transport._members:
+            self.transport._members.remove(self.member)

@@ -1,0 +1,361 @@
+"""Subscriptions: a bounded FIFO per subscription, drained by a handler task or an iterator.
+
+Each subscription owns its queue and (in handler mode) one worker task, so a slow or failing
+handler delays only its own subscription. Order is FIFO per subscription; nothing is promised
+across subscriptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Generator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._envelope import Envelope
+from ._errors import BusClosed, DecodeError
+from ._stats import DropReason
+from ._topics import topic_matches
+from ._transport import Message, TransportSubscription
+
+if TYPE_CHECKING:
+    from ._bus import Bus
+    from ._codec import EnvelopeDecoder
+
+__all__ = ["Handler", "SubscribeCall", "Subscription"]
+
+T = TypeVar("T")
+#: A message handler: called with each envelope; may be a coroutine function or a plain one.
+Handler = Callable[[Envelope[T]], Awaitable[None] | None]
+
+log = logging.getLogger("cascade_bus")
+
+
+class Subscription(Generic[T]):
+    """One subscription of a `Bus`: a pattern, a bounded queue, and a handler or an iterator.
+
+    Obtain one from `Bus.subscribe`. With a handler, a worker task calls it for each message in
+    arrival order; without one, iterate it (``async for env in sub``). Iteration ends
+    (``StopAsyncIteration``) when the subscription or its bus is closed.
+
+    Attributes:
+        pattern: The portable pattern subscribed.
+        queue: The queue-group name, or None.
+        qos: The QoS requested.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        pattern: str,
+        *,
+        handler: Handler[T] | None,
+        queue: str | None,
+        qos: int,
+        decoder: EnvelopeDecoder,
+        buffer_size: int,
+        exact_filter: bool,
+    ) -> None:
+        self.pattern = pattern
+        self.queue = queue
+        self.qos = qos
+        self._bus = bus
+        self._stats = bus._stats
+        self._handler = handler
+        self._is_async = handler is not None and (
+            inspect.iscoroutinefunction(handler)
+            or inspect.iscoroutinefunction(getattr(handler, "__call__", None))  # noqa: B004
+        )
+        self._decode = decoder.decode
+        self._buf: deque[Message] = deque()
+        self._limit = max(1, buffer_size)
+        self._low = self._limit // 2
+        self._filter = pattern if exact_filter else None
+        self._waiter: asyncio.Future[None] | None = None
+        self._room: asyncio.Event | None = None
+        self._closed = False
+        self._received = 0
+        self._processed = 0
+        self._progress: tuple[int, asyncio.Future[None]] | None = None
+        self._pending_ack: Message | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._transport_sub: TransportSubscription | None = None
+
+    def __repr__(self) -> str:
+        mode = "handler" if self._handler is not None else "iterator"
+        queue = f", queue={self.queue!r}" if self.queue else ""
+        state = "closed" if self._closed else f"{len(self._buf)} queued"
+        return f"<Subscription {self.pattern!r}{queue} {mode} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once unsubscribed or the bus closed."""
+        return self._closed
+
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet handled."""
+        return len(self._buf)
+
+    # -- MessageSink: called by the transport ------------------------------------------------
+
+    def deliver(self, message: Message) -> bool:
+        """Queue a message from the transport (see `MessageSink.deliver`)."""
+        if self._closed:
+            self._stats.drop(DropReason.UNSUBSCRIBED)
+            return True
+        if self._filter is not None and not topic_matches(self._filter, message.topic):
+            return True
+        buf = self._buf
+        if len(buf) >= self._limit:
+            self._stats.drop(DropReason.OVERFLOW)
+            if self._bus._report_overflow:
+                self._bus._report_overflow = False
+                log.warning(
+                    "subscription %r is full (%d messages); dropping new messages (counted in "
+                    "stats().dropped['overflow'])",
+                    self.pattern,
+                    self._limit,
+                )
+            return False
+        buf.append(message)
+        self._received += 1
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        return len(buf) < self._limit
+
+    async def ready(self) -> None:
+        """Wait (bounded by the bus's ``flow_timeout``) until the queue is half empty."""
+        if len(self._buf) <= self._low or self._closed:
+            return
+        if self._task is not None and asyncio.current_task() is self._task:
+            return  # a handler publishing to its own subscription must not wait on itself
+        if self._room is None:
+            self._room = asyncio.Event()
+        room = self._room
+        try:
+            async with asyncio.timeout(self._bus._flow_timeout):
+                await room.wait()
+        except TimeoutError:
+            log.warning(
+                "subscription %r stayed full for %.1fs; publishing on without waiting",
+                self.pattern,
+                self._bus._flow_timeout,
+            )
+
+    def _made_room(self) -> None:
+        room = self._room
+        if room is not None and len(self._buf) <= self._low:
+            self._room = None
+            room.set()
+
+    # -- handler mode ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Worker task: hand queued messages to the handler, one at a time, in order."""
+        buf = self._buf
+        handler = self._handler
+        assert handler is not None
+        decode = self._decode
+        stats = self._stats
+        is_async = self._is_async
+        report = self._bus._report
+        loop = asyncio.get_running_loop()
+        while True:
+            if not buf:
+                if self._closed:
+                    return
+                self._waiter = waiter = loop.create_future()
+                await waiter
+                continue
+            message = buf.popleft()
+            if self._room is not None:
+                self._made_room()
+            try:
+                env = decode(message.topic, message.data, message.headers)
+            except DecodeError as exc:
+                stats.drop(DropReason.DECODE_ERROR)
+                report(exc, message.topic, None)
+            else:
+                try:
+                    if is_async:
+                        await handler(env)  # type: ignore[misc]
+                    else:
+                        result = handler(env)
+                        if result is not None and inspect.isawaitable(result):
+                            await result
+                except Exception as exc:  # a handler's failure must not stop the subscription
+                    stats.drop(DropReason.HANDLER_ERROR)
+                    report(exc, message.topic, env)
+                else:
+                    stats.delivered += 1
+            if message.ack is not None:
+                await self._ack(message)
+            self._processed += 1
+            progress = self._progress
+            if progress is not None and self._processed >= progress[0]:
+                self._progress = None
+                if not progress[1].done():
+                    progress[1].set_result(None)
+
+    async def _ack(self, message: Message) -> None:
+        assert message.ack is not None
+        try:
+            await message.ack()
+        except Exception as exc:  # the broker will redeliver; report, don't stop
+            self._bus._report(exc, message.topic, None)
+
+    async def _caught_up(self, timeout: float) -> None:
+        """Wait until the handler ran for everything received so far (retained replay)."""
+        if self._handler is None or self._processed >= self._received:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._progress = (self._received, fut)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            log.warning(
+                "handler for %r did not finish the retained messages within %.1fs; "
+                "subscribe() returns anyway",
+                self.pattern,
+                timeout,
+            )
+
+    # -- iterator mode -----------------------------------------------------------------------
+
+    def __aiter__(self) -> Subscription[T]:
+        if self._handler is not None:
+            raise TypeError("a subscription with a handler cannot also be iterated")
+        return self
+
+    async def __anext__(self) -> Envelope[T]:
+        pending = self._pending_ack
+        if pending is not None:
+            self._pending_ack = None
+            await self._ack(pending)
+        buf = self._buf
+        while True:
+            if buf:
+                message = buf.popleft()
+                if self._room is not None:
+                    self._made_room()
+                self._processed += 1
+                try:
+                    env: Envelope[T] = self._decode(message.topic, message.data, message.headers)
+                except DecodeError as exc:
+                    self._stats.drop(DropReason.DECODE_ERROR)
+                    self._bus._report(exc, message.topic, None)
+                    if message.ack is not None:
+                        await self._ack(message)
+                    continue
+                self._stats.delivered += 1
+                if message.ack is not None:
+                    self._pending_ack = message
+                return env
+            if self._closed:
+                raise StopAsyncIteration
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
+            await waiter
+
+    async def get(self, timeout: float | None = None) -> Envelope[T]:
+        """Return the next message, waiting at most ``timeout`` seconds.
+
+        Raises:
+            TimeoutError: nothing arrived in time.
+            BusClosed: the subscription is closed and empty.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.__anext__()
+        except StopAsyncIteration:
+            raise BusClosed(f"subscription {self.pattern!r} is closed") from None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Subscription[T]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.unsubscribe()
+
+    async def unsubscribe(self) -> None:
+        """Stop the subscription; messages still queued are dropped and counted. Idempotent."""
+        if self._closed:
+            return
+        await self._shutdown(drain=0.0, reason=DropReason.UNSUBSCRIBED)
+
+    async def _shutdown(self, *, drain: float, reason: str) -> None:
+        """Close: stop the transport side, let the handler finish (bounded), count the rest."""
+        self._closed = True
+        self._bus._forget(self)
+        transport_sub, self._transport_sub = self._transport_sub, None
+        if transport_sub is not None:
+            try:
+                await transport_sub.unsubscribe()
+            except Exception as exc:  # unsubscribing from a lost connection is not an error
+                log.debug("unsubscribe of %r failed: %r", self.pattern, exc)
+        task = self._task
+        if task is not None and not task.done():
+            self._wake()
+            if drain > 0:
+                await asyncio.wait([task], timeout=drain)
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._buf:
+            self._stats.drop(reason, len(self._buf))
+            self._buf.clear()
+        self._wake()
+        room = self._room
+        if room is not None:
+            self._room = None
+            room.set()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class SubscribeCall(Generic[T]):
+    """What `Bus.subscribe` returns: await it, or use it as ``async with``.
+
+    ``await bus.subscribe(...)`` gives the `Subscription`; ``async with bus.subscribe(...) as
+    sub`` also unsubscribes on exit.
+    """
+
+    __slots__ = ("_start", "_sub")
+
+    def __init__(self, start: Callable[[], Awaitable[Subscription[T]]]) -> None:
+        self._start = start
+        self._sub: Subscription[T] | None = None
+
+    def __await__(self) -> Generator[Any, None, Subscription[T]]:
+        return self._start().__await__()
+
+    async def __aenter__(self) -> Subscription[T]:
+        self._sub = await self._start()
+        return self._sub
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()

@@ -1,0 +1,186 @@
+"""The transport SPI: what an adapter implements so the bus can run on its broker.
+
+A transport moves bytes: the bus encodes envelopes, validates topics, dispatches to handlers and
+keeps the counters; the transport connects, publishes bodies, subscribes patterns and hands every
+received body to a `MessageSink`. Third-party transports implement this and register their class
+under the ``cascade_bus.transports`` entry-point group, exactly as the first-party ones do.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ClassVar, Protocol, Self
+
+from ._capabilities import Capabilities
+from ._stats import StatsRecorder
+from ._topics import IdentityMapper, TopicMapper
+from ._url import BusURL
+
+__all__ = ["Message", "MessageSink", "Transport", "TransportSubscription"]
+
+
+class Message:
+    """One message as a transport received it: a portable topic, the body and its metadata.
+
+    Attributes:
+        topic: The concrete portable topic (already translated back from the native name).
+        data: The body exactly as it travelled.
+        headers: Native headers, when the transport has them.
+        retained: True when this is a retained message replayed on subscribe.
+        qos: The QoS the message was delivered with.
+        ack: For at-least-once delivery, called after the handler finished; None otherwise.
+    """
+
+    __slots__ = ("ack", "data", "headers", "qos", "retained", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        data: bytes,
+        headers: Mapping[str, str] | None = None,
+        *,
+        retained: bool = False,
+        qos: int = 0,
+        ack: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.topic = topic
+        self.data = data
+        self.headers = headers
+        self.retained = retained
+        self.qos = qos
+        self.ack = ack
+
+    def __repr__(self) -> str:
+        return (
+            f"Message(topic={self.topic!r}, {len(self.data)} bytes"
+            f"{', retained' if self.retained else ''}, qos={self.qos})"
+        )
+
+
+class MessageSink(Protocol):
+    """Where a transport hands received messages; the bus provides one per subscription."""
+
+    def deliver(self, message: Message) -> bool:
+        """Queue one message for the subscription; never blocks, never raises.
+
+        Call it from the transport's receive loop, in the order messages arrived. Returns False
+        once the sink has reached its high-water mark: the transport should then ``await
+        ready()`` before delivering more (flow control). A sink over its hard limit applies
+        the bus's overflow policy and counts what it drops.
+        """
+
+    async def ready(self) -> None:
+        """Return once the sink has room again (flow control for the receive loop)."""
+
+
+class TransportSubscription(abc.ABC):
+    """A live subscription at the transport level, returned by `Transport.subscribe`."""
+
+    @abc.abstractmethod
+    async def unsubscribe(self) -> None:
+        """Stop delivering to the sink. Idempotent; never raises for a lost connection."""
+
+
+class Transport(abc.ABC):
+    """A connection to one broker, moving bytes for a `Bus`.
+
+    Subclasses declare `capabilities`, a `mapper` for their native topic syntax, and implement
+    the abstract methods. The bus calls `connect` once, then any number of `publish` /
+    `subscribe` calls concurrently from one event loop, then `aclose` once.
+
+    Args:
+        url: The parsed bus URL (credentials included; never log it unmasked).
+        options: Transport options: URL query parameters overlaid with keyword options.
+    """
+
+    #: What this transport can do; the bus refuses anything not declared.
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: Translates portable topics to native names and back.
+    mapper: ClassVar[TopicMapper] = IdentityMapper()
+    #: The distribution that provides this transport (for error messages and ``transports``).
+    package: ClassVar[str] = "cascade-bus"
+
+    def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
+        self.url = url
+        self.options = dict(options)
+        #: Counters the transport updates (reconnects, drops while disconnected, ...).
+        self.stats = StatsRecorder()
+
+    @classmethod
+    def from_url(cls, url: BusURL, **options: Any) -> Self:
+        """Build the transport from a parsed URL and options (keyword options win).
+
+        Raises:
+            InvalidURL: an option is unknown or has a bad value.
+        """
+        return cls(url, url.merged_options(options))
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect to the broker; return once it is usable.
+
+        Raises:
+            ConnectError: the broker is unreachable or refused the credentials; the message
+                names the endpoint without the password.
+        """
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Disconnect cleanly after everything published so far was handed to the broker.
+
+        Idempotent; must not raise for a connection that is already gone.
+        """
+
+    @abc.abstractmethod
+    async def publish(
+        self,
+        topic: str,
+        data: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Send one body to a concrete portable topic.
+
+        For ``qos >= 1`` return only once the broker has accepted the message (or it is held
+        in a buffer that survives a reconnect). ``retain=True`` with an empty body clears the
+        retained message of the topic.
+
+        Raises:
+            PublishError: the broker refused it, or it could not be sent or buffered.
+        """
+
+    @abc.abstractmethod
+    async def subscribe(
+        self,
+        pattern: str,
+        sink: MessageSink,
+        *,
+        qos: int = 0,
+        queue: str | None = None,
+    ) -> TransportSubscription:
+        """Subscribe a portable pattern and deliver every matching message to ``sink``.
+
+        Return only after the broker confirmed the subscription and every retained message
+        matching it has been passed to ``sink.deliver`` (for this subscription only). With
+        ``queue``, subscriptions that share the name and pattern (across processes) share the
+        messages: each goes to one of them. Queue subscriptions get no retained replay.
+
+        Raises:
+            SubscribeError: the broker refused the subscription.
+        """
+
+    async def flush(self, timeout: float) -> None:
+        """Return once everything published so far has reached the broker.
+
+        Raises:
+            TimeoutError: not flushed within ``timeout`` seconds.
+        """
+        return
+
+    @property
+    def max_payload(self) -> int | None:
+        """Largest body this connection accepts, in bytes (None: no limit)."""
+        return self.capabilities.max_payload
