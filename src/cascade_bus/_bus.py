@@ -157,10 +157,7 @@ class Bus:
         self._replies: dict[str, asyncio.Future[Envelope[Any]]] = {}
         self._report_overflow = True
         self._raw_headers = self._format == "raw" and self.capabilities.headers
-        self._exact_filter = (
-            not transport.capabilities.wildcards
-            or getattr(transport, "filters_exactly", True) is False
-        )
+        self._exact_filter = not transport.filters_exactly
 
     def __repr__(self) -> str:
         return f"<Bus {self.url.redacted()} {self._state.value}>"
@@ -380,7 +377,7 @@ class Bus:
         correlation_id: str | None,
         reply_to: str | None,
     ) -> tuple[bytes, Mapping[str, str] | None]:
-        if payload == b"" and isinstance(payload, bytes):
+        if isinstance(payload, bytes) and not payload:
             return b"", None  # an empty body: clears a retained topic everywhere
         codec = self._codec
         if self._format == "raw":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -181,14 +180,12 @@ class Connector:
             task.add_done_callback(self._pending.discard)
 
         try:
-            running = asyncio.get_running_loop()
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if (
-            running is loop and threading.current_thread() is threading.main_thread()
-        ) or running is loop:
+        if running is loop:
             schedule()
-        else:
+        else:  # another thread, or plain synchronous code outside the loop
             loop.call_soon_threadsafe(schedule)
 
     async def subscribe(self, topic: str, callback: Callback) -> ConnectorSubscription:

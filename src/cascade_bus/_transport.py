@@ -100,6 +100,9 @@ class Transport(abc.ABC):
     mapper: ClassVar[TopicMapper] = IdentityMapper()
     #: The distribution that provides this transport (for error messages and ``transports``).
     package: ClassVar[str] = "cascade-bus"
+    #: False when the transport may deliver messages a pattern does not match exactly (e.g. a
+    #: broader native glob); the bus then filters every message with `topic_matches`.
+    filters_exactly: ClassVar[bool] = True
 
     def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
         self.url = url
