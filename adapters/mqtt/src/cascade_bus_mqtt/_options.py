@@ -1,0 +1,116 @@
+"""MQTT URL options, parsed and checked once: ``mqtt://user:pass@host:1883?client_id=...``."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cascade_bus import InvalidURL
+from cascade_bus.spi import BusURL, parse_bool, parse_float, parse_int
+
+__all__ = ["MqttOptions"]
+
+_VERSIONS = {"5": 5, "5.0": 5, "3.1.1": 4, "311": 4, "3": 4, "4": 4}
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class MqttOptions:
+    """Every option the MQTT transport understands, with its default."""
+
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    client_id: str
+    version: int  # paho's numbering: 5 = MQTT 5, 4 = MQTT 3.1.1
+    keepalive: int
+    clean_start: bool
+    tls: ssl.SSLContext | None
+    will_topic: str | None
+    will_payload: bytes
+    will_qos: int
+    will_retain: bool
+    reconnect: bool
+    reconnect_min: float
+    reconnect_max: float
+    offline_buffer: int
+    max_inflight: int
+    tcp_nodelay: bool
+
+    def __repr__(self) -> str:
+        return (
+            f"MqttOptions(host={self.host!r}, port={self.port}, username={self.username!r}, "
+            f"password={'[secure]' if self.password else None}, client_id={self.client_id!r}, "
+            f"version={'5' if self.version == 5 else '3.1.1'})"
+        )
+
+    @classmethod
+    def parse(cls, url: BusURL, options: Mapping[str, Any]) -> MqttOptions:
+        """Read the URL and options (keyword options already laid over the query).
+
+        Raises:
+            InvalidURL: an unknown option or a bad value, naming the option.
+        """
+        opts = dict(options)
+        known = {
+            "client_id", "version", "keepalive", "clean_start", "ca_file", "certfile",
+            "keyfile", "tls_verify", "will_topic", "will_payload", "will_qos", "will_retain",
+            "reconnect", "reconnect_min", "reconnect_max", "offline_buffer", "max_inflight",
+            "tcp_nodelay", "username", "password",
+        }  # fmt: skip
+        unknown = sorted(set(opts) - known)
+        if unknown:
+            raise InvalidURL(
+                f"unknown MQTT option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        if len(url.hosts) > 1:
+            raise InvalidURL("mqtt:// takes one broker host (MQTT has no client-side clusters)")
+        tls_wanted = url.scheme == "mqtts"
+        version_text = str(opts.get("version", "5"))
+        if version_text not in _VERSIONS:
+            raise InvalidURL(f"version={version_text!r}: use 5 or 3.1.1")
+        will_qos = parse_int("will_qos", opts.get("will_qos", 0))
+        if will_qos > 2:
+            raise InvalidURL(f"will_qos={will_qos}: QoS is 0, 1 or 2")
+        will_payload = opts.get("will_payload", b"")
+        if isinstance(will_payload, str):
+            will_payload = will_payload.encode()
+        return cls(
+            host=url.host or "127.0.0.1",
+            port=url.port or (8883 if tls_wanted else 1883),
+            username=opts.get("username", url.username),
+            password=opts.get("password", url.password),
+            client_id=str(opts.get("client_id") or f"cascade-bus-{os.urandom(6).hex()}"),
+            version=_VERSIONS[version_text],
+            keepalive=parse_int("keepalive", opts.get("keepalive", 60)),
+            clean_start=parse_bool("clean_start", opts.get("clean_start", True)),
+            tls=_tls_context(opts) if tls_wanted else None,
+            will_topic=opts.get("will_topic"),
+            will_payload=bytes(will_payload),
+            will_qos=will_qos,
+            will_retain=parse_bool("will_retain", opts.get("will_retain", False)),
+            reconnect=parse_bool("reconnect", opts.get("reconnect", True)),
+            reconnect_min=parse_float("reconnect_min", opts.get("reconnect_min", 0.05)),
+            reconnect_max=parse_float("reconnect_max", opts.get("reconnect_max", 5.0)),
+            offline_buffer=parse_int("offline_buffer", opts.get("offline_buffer", 10_000)),
+            max_inflight=parse_int("max_inflight", opts.get("max_inflight", 20)),
+            tcp_nodelay=parse_bool("tcp_nodelay", opts.get("tcp_nodelay", True)),
+        )
+
+
+def _tls_context(opts: Mapping[str, Any]) -> ssl.SSLContext:
+    """Build the TLS context for ``mqtts://`` from ca_file / certfile / keyfile / tls_verify."""
+    verify = parse_bool("tls_verify", opts.get("tls_verify", True))
+    try:
+        context = ssl.create_default_context(cafile=opts.get("ca_file"))
+        if opts.get("certfile"):
+            context.load_cert_chain(opts["certfile"], opts.get("keyfile"))
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidURL(f"cannot load the TLS files for mqtts://: {exc}") from None
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

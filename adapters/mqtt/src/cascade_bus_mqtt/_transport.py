@@ -1,0 +1,649 @@
+"""The MQTT transport: aiomqtt for the connection, its paho client on the hot path.
+
+aiomqtt integrates paho with asyncio (socket readers/writers, keepalive) and we use it for that.
+Its per-message path (an asyncio.Queue, a task and ``wait_for`` per message) is what limits it,
+so publishes go straight to the paho client with one future per QoS>=1 message, and received
+messages go straight from paho's ``on_message`` into the bus's subscription queues.
+
+Reliability, which aiomqtt 2.x leaves to the user:
+
+- A supervisor task notices a lost connection, reconnects with jittered exponential backoff
+  (a fresh client each time), resubscribes every filter (retained messages replay) and then
+  resends what the broker never acknowledged plus everything published while down.
+- While down, publishes go to a bounded offline buffer. QoS>=1 publishes that do not fit raise
+  `PublishError`; QoS 0 ones that do not fit are dropped and counted (``offline_overflow``).
+- ``subscribe`` returns only after SUBACK *and* a loopback barrier message published after it
+  came back on the same connection, so every retained message the broker sent for the new
+  filter has been delivered first (no sleeps). With MQTT 5 each filter carries a subscription
+  identifier, so a message reaches exactly the subscriptions the broker matched, and a retained
+  replay caused by one subscribe reaches only that subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import aiomqtt
+import msgspec
+import paho.mqtt.client as paho_mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from cascade_bus import (
+    BusClosed,
+    ConnectError,
+    ConnectionLost,
+    PayloadTooLarge,
+    PublishError,
+    SubscribeError,
+)
+from cascade_bus.spi import (
+    BusURL,
+    Capabilities,
+    DropReason,
+    Message,
+    MessageSink,
+    Transport,
+    TransportSubscription,
+    backoff_delays,
+    topic_matches,
+)
+
+from ._options import MqttOptions
+
+__all__ = ["MqttTransport"]
+
+log = logging.getLogger("cascade_bus.mqtt")
+
+#: Topics under this prefix are the adapter's own (subscribe barriers); never delivered.
+RESERVED_PREFIX = "_cascade_bus/"
+_MAX_PAYLOAD = 268_435_455  # MQTT's largest remaining length
+_OUT_HIGH = 2048  # paho packets waiting for the socket before a QoS 0 publisher yields
+_BARRIER_ID = 1
+
+_V5_CAPS = Capabilities(
+    max_qos=2,
+    retain=True,
+    wildcards=True,
+    headers=True,
+    queue_groups=True,
+    request_reply=True,
+    will=True,
+    persistence=False,
+    ordering=True,
+    max_payload=_MAX_PAYLOAD,
+)
+_V311_CAPS = msgspec.structs.replace(_V5_CAPS, headers=False, queue_groups=False)
+
+
+class _Outgoing:
+    """A publish the broker has not acknowledged yet (or that waits for a connection)."""
+
+    __slots__ = ("data", "future", "props", "qos", "retain", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        props: Properties | None,
+        future: asyncio.Future[None] | None,
+    ) -> None:
+        self.topic = topic
+        self.data = data
+        self.qos = qos
+        self.retain = retain
+        self.props = props
+        self.future = future
+
+    def settle(self, error: BaseException | None = None) -> None:
+        fut = self.future
+        if fut is not None and not fut.done():
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+
+class _Entry:
+    """One subscription at the broker (a filter, or ``$share/<queue>/<filter>``) and its sinks."""
+
+    __slots__ = ("fresh", "native", "pattern", "qos", "queue", "sinks", "sub_id")
+
+    def __init__(self, native: str, pattern: str, queue: str | None, qos: int) -> None:
+        self.native = native
+        self.pattern = pattern
+        self.queue = queue
+        self.qos = qos
+        self.sinks: list[MessageSink] = []
+        self.sub_id = 0
+        # The sink being subscribed right now: retained replays go to it alone.
+        self.fresh: MessageSink | None = None
+
+
+class _Handle(TransportSubscription):
+    __slots__ = ("entry", "sink", "transport")
+
+    def __init__(self, transport: MqttTransport, entry: _Entry, sink: MessageSink) -> None:
+        self.transport = transport
+        self.entry = entry
+        self.sink = sink
+
+    async def unsubscribe(self) -> None:
+        await self.transport._remove(self.entry, self.sink)
+
+
+class MqttTransport(Transport):
+    """``mqtt://[user:pass@]host[:1883]`` and ``mqtts://`` (TLS) through aiomqtt.
+
+    Options (URL query or keyword): ``client_id``, ``version`` (``5`` default, or ``3.1.1``),
+    ``keepalive`` (60 s), ``clean_start`` (true), ``ca_file``/``certfile``/``keyfile``/
+    ``tls_verify`` (mqtts), ``will_topic``/``will_payload``/``will_qos``/``will_retain``,
+    ``reconnect`` (true), ``reconnect_min``/``reconnect_max`` (backoff bounds, s),
+    ``offline_buffer`` (10,000 messages), ``max_inflight`` (20), ``tcp_nodelay`` (true).
+    """
+
+    capabilities: Capabilities = _V5_CAPS
+    package: ClassVar[str] = "cascade-bus-mqtt"
+
+    def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
+        super().__init__(url, options)
+        self._opts = MqttOptions.parse(url, self.options)
+        self._v5 = self._opts.version == 5
+        if not self._v5:
+            self.capabilities = _V311_CAPS
+        self._client: aiomqtt.Client | None = None
+        self._paho: paho_mqtt.Client | None = None
+        self._connected = False
+        self._up = asyncio.Event()
+        self._closing = False
+        self._closed = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._entries: dict[str, _Entry] = {}
+        self._by_id: dict[int, _Entry] = {}
+        self._ids = itertools.count(_BARRIER_ID + 1)
+        self._sub_lock = asyncio.Lock()
+        self._window: _Entry | None = None
+        self._barrier_topic = f"{RESERVED_PREFIX}barrier/{os.urandom(8).hex()}"
+        self._barriers: dict[bytes, asyncio.Future[None]] = {}
+        self._barrier_ids = itertools.count(1)
+        self._inflight: dict[int, _Outgoing] = {}
+        self._offline: deque[_Outgoing] = deque()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._lost_cause: BaseException | None = None
+
+    def __repr__(self) -> str:
+        state = "connected" if self._connected else "disconnected"
+        return f"<MqttTransport {self.url.redacted()} {state}>"
+
+    @property
+    def buffered(self) -> int:
+        """Messages waiting in the offline buffer for the connection to come back."""
+        return len(self._offline)
+
+    @property
+    def max_payload(self) -> int | None:
+        """MQTT's own limit (the broker may be configured lower; it then refuses)."""
+        return _MAX_PAYLOAD
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def _new_client(self) -> aiomqtt.Client:
+        o = self._opts
+        will = (
+            aiomqtt.Will(o.will_topic, o.will_payload, o.will_qos, o.will_retain)
+            if o.will_topic
+            else None
+        )
+        properties = None
+        if self._v5 and not o.clean_start:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 0xFFFFFFFF
+        return aiomqtt.Client(
+            o.host,
+            o.port,
+            username=o.username,
+            password=o.password,
+            identifier=o.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
+            keepalive=o.keepalive,
+            clean_session=None if self._v5 else o.clean_start,
+            clean_start=(paho_mqtt.MQTT_CLEAN_START_FIRST_ONLY if o.clean_start else False),
+            properties=properties,
+            tls_context=o.tls,
+            will=will,
+            max_inflight_messages=o.max_inflight,
+            socket_options=(
+                ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),) if o.tcp_nodelay else ()
+            ),
+            timeout=10.0,
+        )
+
+    async def _open_client(self) -> None:
+        client = self._new_client()
+        paho = client._client
+        paho.on_message = self._on_message
+        paho.on_publish = self._on_publish
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttCodeError as exc:
+            raise ConnectError(f"{self.url.endpoint()} refused the connection: {exc.rc}") from exc
+        except aiomqtt.MqttError as exc:
+            raise ConnectError(f"could not connect to {self.url.endpoint()}: {exc}") from exc
+        except OSError as exc:
+            raise ConnectError(f"could not connect to {self.url.endpoint()}: {exc}") from exc
+        self._client = client
+        self._paho = paho
+        try:
+            await self._subscribe_native(self._barrier_topic, 1, _BARRIER_ID)
+        except BaseException:
+            await self._drop_client()
+            raise
+
+    async def connect(self) -> None:
+        """Connect, subscribe the barrier topic and start the reconnect supervisor.
+
+        Raises:
+            ConnectError: unreachable broker or refused credentials (no password shown).
+        """
+        await self._open_client()
+        self._connected = True
+        self._up.set()
+        self._supervisor = asyncio.get_running_loop().create_task(
+            self._supervise(), name=f"cascade_bus.mqtt[{self._opts.client_id}].supervisor"
+        )
+
+    async def _drop_client(self) -> None:
+        client, self._client, self._paho = self._client, None, None
+        if client is None:
+            return
+        try:
+            async with asyncio.timeout(2.0):
+                await client.__aexit__(None, None, None)
+        except Exception as exc:  # it is gone either way
+            log.debug("closing the MQTT client: %r", exc)
+
+    async def _supervise(self) -> None:
+        """Wait for the connection to drop, then reconnect, resubscribe and resend."""
+        while not self._closing:
+            client = self._client
+            assert client is not None
+            try:
+                await client._disconnected
+                cause: BaseException | None = None
+            except Exception as exc:
+                cause = exc
+            if self._closing:
+                return
+            self._connected = False
+            self._up.clear()
+            self._lost_cause = cause
+            await self._drop_client()
+            self._requeue_inflight()
+            if not self._opts.reconnect:
+                log.error("lost the connection to %s: %s", self.url.endpoint(), cause)
+                self._fail_waiting(ConnectionLost(f"lost the connection to {self.url.endpoint()}"))
+                return
+            log.warning("lost the connection to %s (%s); reconnecting", self.url.endpoint(), cause)
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        for delay in backoff_delays(self._opts.reconnect_min, self._opts.reconnect_max):
+            if self._closing:
+                return
+            attempt += 1
+            await asyncio.sleep(delay)
+            try:
+                await self._open_client()
+                await self._resubscribe_all()
+            except (ConnectError, SubscribeError, OSError, aiomqtt.MqttError) as exc:
+                log.info("reconnect attempt %d to %s failed: %s", attempt, self.url.endpoint(), exc)
+                await self._drop_client()
+                continue
+            break
+        self.stats.reconnects += 1
+        self._connected = True
+        self._resend_offline()
+        self._up.set()
+        log.warning("reconnected to %s after %d attempt(s)", self.url.endpoint(), attempt)
+
+    def _requeue_inflight(self) -> None:
+        """Put what the broker never acknowledged back in front of the offline buffer."""
+        if self._inflight:
+            pending = [self._inflight[mid] for mid in sorted(self._inflight)]
+            self._inflight.clear()
+            self._offline.extendleft(reversed(pending))
+            for out in pending:  # held in a buffer that survives the reconnect
+                out.settle()
+        self._idle.clear() if self._offline else self._idle.set()
+
+    def _resend_offline(self) -> None:
+        paho = self._paho
+        assert paho is not None
+        while self._offline:
+            out = self._offline.popleft()
+            info = paho.publish(out.topic, out.data, out.qos, out.retain, out.props)
+            if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
+                self._offline.appendleft(out)
+                return
+            if out.qos:
+                self._inflight[info.mid] = out
+        self._check_idle()
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        for out in list(self._inflight.values()) + list(self._offline):
+            out.settle(error)
+        dropped = len(self._offline)
+        if dropped:
+            self.stats.drop(DropReason.DISCONNECTED, dropped)
+        self._inflight.clear()
+        self._offline.clear()
+        self._idle.set()
+
+    async def aclose(self) -> None:
+        """Disconnect cleanly (DISCONNECT packet); the will is not published. Idempotent."""
+        if self._closed:
+            return
+        self._closing = True
+        self._closed = True
+        supervisor = self._supervisor
+        if supervisor is not None and not supervisor.done():
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)
+        await self._drop_client()
+        self._connected = False
+        if self._offline or self._inflight:
+            self._fail_waiting(BusClosed("the MQTT transport was closed"))
+        for fut in self._barriers.values():
+            if not fut.done():
+                fut.set_exception(BusClosed("the MQTT transport was closed"))
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def _props(self, headers: Mapping[str, str] | None) -> Properties | None:
+        if not headers or not self._v5:
+            return None
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = list(headers.items())
+        return props
+
+    async def publish(
+        self,
+        topic: str,
+        data: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Publish; QoS>=1 returns once PUBACK/PUBCOMP arrived or the message is buffered.
+
+        Raises:
+            PublishError: the broker refused it, or the offline buffer is full.
+            PayloadTooLarge: larger than MQTT allows.
+        """
+        if self._closed:
+            raise BusClosed("the MQTT transport is closed")
+        props = self._props(headers) if headers else None
+        paho = self._paho
+        if self._connected and paho is not None:
+            info = paho.publish(topic, data, qos, retain, props)
+            rc = info.rc
+            if rc == paho_mqtt.MQTT_ERR_SUCCESS:
+                if qos:
+                    fut = asyncio.get_running_loop().create_future()
+                    self._inflight[info.mid] = _Outgoing(topic, data, qos, retain, props, fut)
+                    self._idle.clear()
+                    await fut
+                elif len(paho._out_packet) > _OUT_HIGH:
+                    await self._drain_socket(paho)
+                return
+            if rc == paho_mqtt.MQTT_ERR_PAYLOAD_SIZE:
+                raise PayloadTooLarge(
+                    f"message for {topic!r} is {len(data)} bytes; MQTT refuses it",
+                    size=len(data),
+                    limit=_MAX_PAYLOAD,
+                )
+            if rc not in (paho_mqtt.MQTT_ERR_NO_CONN, paho_mqtt.MQTT_ERR_CONN_LOST):
+                raise PublishError(
+                    f"publish to {topic!r} failed: {paho_mqtt.error_string(rc)}", topic=topic
+                )
+        self._buffer(topic, data, qos, retain, props)
+
+    def _buffer(
+        self, topic: str, data: bytes, qos: int, retain: bool, props: Properties | None
+    ) -> None:
+        if not self._opts.reconnect:
+            self.stats.drop(DropReason.DISCONNECTED)
+            raise ConnectionLost(
+                f"not connected to {self.url.endpoint()} and reconnect is off",
+            )
+        if len(self._offline) >= self._opts.offline_buffer:
+            if qos == 0:
+                self.stats.drop(DropReason.OFFLINE_OVERFLOW)
+                return
+            raise PublishError(
+                f"offline buffer full ({self._opts.offline_buffer} messages) while "
+                f"disconnected from {self.url.endpoint()}; QoS {qos} message for {topic!r} "
+                "not accepted",
+                topic=topic,
+            )
+        self._offline.append(_Outgoing(topic, data, qos, retain, props, None))
+        self._idle.clear()
+
+    async def _drain_socket(self, paho: paho_mqtt.Client) -> None:
+        """Let the event loop write paho's queued packets before queueing more (QoS 0)."""
+        low = _OUT_HIGH // 4
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5.0
+        while len(paho._out_packet) > low and self._connected and loop.time() < deadline:
+            await asyncio.sleep(0)
+
+    def _on_publish(
+        self,
+        client: paho_mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties,
+    ) -> None:
+        out = self._inflight.pop(mid, None)
+        if out is not None:
+            if reason_code.is_failure:
+                out.settle(
+                    PublishError(
+                        f"broker refused the message for {out.topic!r}: {reason_code}",
+                        topic=out.topic,
+                    )
+                )
+            else:
+                out.settle()
+            if not self._inflight:
+                self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self._inflight and not self._offline:
+            self._idle.set()
+
+    async def flush(self, timeout: float) -> None:
+        """Wait until every QoS>=1 message is acknowledged and every packet is written.
+
+        Raises:
+            TimeoutError: not done within ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            await self._idle.wait()
+            while (paho := self._paho) is not None and paho.want_write() and self._connected:
+                await asyncio.sleep(0.001)
+            _ = loop
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def _on_message(
+        self, client: paho_mqtt.Client, userdata: Any, msg: paho_mqtt.MQTTMessage
+    ) -> None:
+        topic = msg.topic
+        if topic.startswith(RESERVED_PREFIX):
+            if topic == self._barrier_topic:
+                fut = self._barriers.pop(msg.payload, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            return
+        headers: dict[str, str] | None = None
+        ids: list[int] | None = None
+        if self._v5:
+            props = msg.properties
+            if props is not None:
+                user = getattr(props, "UserProperty", None)
+                if user:
+                    headers = dict(user)
+                ids = getattr(props, "SubscriptionIdentifier", None)
+        retained = bool(msg.retain)
+        message = Message(topic, msg.payload, headers, retained=retained, qos=msg.qos)
+        if ids:
+            for sub_id in ids:
+                entry = self._by_id.get(sub_id)
+                if entry is not None:
+                    self._deliver(entry, message, retained)
+            return
+        window = self._window
+        if retained and window is not None:
+            if window.fresh is not None and topic_matches(window.pattern, topic):
+                window.fresh.deliver(message)
+            return
+        for entry in self._entries.values():
+            if topic_matches(entry.pattern, topic):
+                self._deliver(entry, message, retained)
+
+    @staticmethod
+    def _deliver(entry: _Entry, message: Message, retained: bool) -> None:
+        fresh = entry.fresh
+        if retained and fresh is not None:
+            fresh.deliver(message)
+            return
+        for sink in entry.sinks:
+            sink.deliver(message)
+
+    # -- subscribing ---------------------------------------------------------------------------
+
+    async def _subscribe_native(self, native: str, qos: int, sub_id: int) -> None:
+        client = self._client
+        if client is None:
+            raise ConnectionLost(f"not connected to {self.url.endpoint()}")
+        properties = None
+        if self._v5:
+            properties = Properties(PacketTypes.SUBSCRIBE)
+            properties.SubscriptionIdentifier = sub_id
+            options: SubscribeOptions | None = SubscribeOptions(qos=qos)
+        else:
+            options = None
+        try:
+            if options is not None:
+                granted = await client.subscribe(native, options=options, properties=properties)
+            else:
+                granted = await client.subscribe(native, qos)
+        except aiomqtt.MqttError as exc:
+            raise SubscribeError(f"subscribe to {native!r} failed: {exc}", pattern=native) from exc
+        for code in granted:
+            failed = code.is_failure if isinstance(code, ReasonCode) else code == 0x80
+            if failed:
+                raise SubscribeError(
+                    f"{self.url.endpoint()} refused the subscription to {native!r}: {code}",
+                    pattern=native,
+                )
+
+    async def _barrier(self, qos: int) -> None:
+        """Publish a token to our own barrier topic and wait for it to come back."""
+        paho = self._paho
+        if paho is None:
+            raise ConnectionLost(f"not connected to {self.url.endpoint()}")
+        token = str(next(self._barrier_ids)).encode()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barriers[token] = fut
+        try:
+            info = paho.publish(self._barrier_topic, token, min(max(qos, 0), 1))
+            if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
+                raise ConnectionLost(f"lost {self.url.endpoint()} while subscribing")
+            await fut
+        finally:
+            self._barriers.pop(token, None)
+
+    async def subscribe(
+        self,
+        pattern: str,
+        sink: MessageSink,
+        *,
+        qos: int = 0,
+        queue: str | None = None,
+    ) -> TransportSubscription:
+        """Subscribe (sharing one broker subscription per filter) and replay retained first.
+
+        Raises:
+            SubscribeError: the broker refused the filter.
+        """
+        if self._closed:
+            raise BusClosed("the MQTT transport is closed")
+        native = f"$share/{queue}/{pattern}" if queue else pattern
+        async with self._sub_lock:
+            await self._up.wait()
+            entry = self._entries.get(native)
+            created = entry is None
+            if entry is None:
+                entry = _Entry(native, pattern, queue, qos)
+            old_id = entry.sub_id
+            entry.sub_id = next(self._ids)
+            entry.qos = max(entry.qos, qos)
+            entry.sinks.append(sink)
+            entry.fresh = sink if queue is None else None
+            self._entries[native] = entry
+            self._by_id[entry.sub_id] = entry
+            self._window = entry
+            try:
+                await self._subscribe_native(native, entry.qos, entry.sub_id)
+                await self._barrier(entry.qos)
+            except BaseException:
+                entry.sinks.remove(sink)
+                if created:
+                    self._entries.pop(native, None)
+                self._by_id.pop(entry.sub_id, None)
+                entry.sub_id = old_id
+                raise
+            finally:
+                entry.fresh = None
+                self._window = None
+            if old_id:
+                self._by_id.pop(old_id, None)
+        return _Handle(self, entry, sink)
+
+    async def _remove(self, entry: _Entry, sink: MessageSink) -> None:
+        async with self._sub_lock:
+            if sink in entry.sinks:
+                entry.sinks.remove(sink)
+            if entry.sinks or self._entries.get(entry.native) is not entry:
+                return
+            del self._entries[entry.native]
+            self._by_id.pop(entry.sub_id, None)
+            client = self._client
+            if client is not None and self._connected:
+                try:
+                    async with asyncio.timeout(5.0):
+                        await client.unsubscribe(entry.native)
+                except (aiomqtt.MqttError, TimeoutError) as exc:
+                    log.debug("unsubscribe %r: %r", entry.native, exc)
+
+    async def _resubscribe_all(self) -> None:
+        for entry in list(self._entries.values()):
+            await self._subscribe_native(entry.native, entry.qos, entry.sub_id)

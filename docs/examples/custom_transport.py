@@ -1,0 +1,112 @@
+"""A complete (toy) transport: the SPI in about fifty lines, registered at run time."""
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import cascade_bus
+from cascade_bus import (
+    BusURL,
+    Capabilities,
+    Message,
+    MessageSink,
+    PublishError,
+    Transport,
+    TransportSubscription,
+    UnsupportedFeature,
+    topic_matches,
+)
+
+
+class LoopbackTransport(Transport):
+    """Every ``loopback://`` bus in this process shares one list of subscriptions."""
+
+    # Declare what it can do; the bus refuses the rest with UnsupportedFeature.
+    capabilities = Capabilities(max_qos=0, retain=False, wildcards=True)
+    package: ClassVar[str] = "loopback-transport"  # named in error messages
+    _subscriptions: ClassVar[list[tuple[str, MessageSink]]] = []
+
+    def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
+        super().__init__(url, options)
+        self._mine: list[tuple[str, MessageSink]] = []
+        self._open = False
+
+    async def connect(self) -> None:
+        """Nothing to reach: just become usable."""
+        self._open = True
+
+    async def aclose(self) -> None:
+        """Drop this connection's subscriptions; idempotent, never raises."""
+        self._open = False
+        for entry in self._mine:
+            if entry in self._subscriptions:
+                self._subscriptions.remove(entry)
+        self._mine.clear()
+
+    async def publish(
+        self,
+        topic: str,
+        data: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Hand the body to every matching subscription, in order."""
+        if not self._open:
+            raise PublishError("loopback transport is closed", topic=topic)
+        for pattern, sink in list(self._subscriptions):
+            if topic_matches(pattern, topic) and not sink.deliver(Message(topic, data)):
+                await sink.ready()  # flow control: the subscriber is at its high-water mark
+
+    async def subscribe(
+        self, pattern: str, sink: MessageSink, *, qos: int = 0, queue: str | None = None
+    ) -> TransportSubscription:
+        """Register the sink; no retained messages, so nothing to replay before returning."""
+        entry = (pattern, sink)
+        self._subscriptions.append(entry)
+        self._mine.append(entry)
+        return LoopbackSubscription(self, entry)
+
+
+class LoopbackSubscription(TransportSubscription):
+    """Removes one subscription again."""
+
+    def __init__(self, transport: LoopbackTransport, entry: tuple[str, MessageSink]) -> None:
+        self._transport = transport
+        self._entry = entry
+
+    async def unsubscribe(self) -> None:
+        """Stop delivering to the sink; idempotent."""
+        for where in (self._transport._subscriptions, self._transport._mine):
+            if self._entry in where:
+                where.remove(self._entry)
+
+
+async def main() -> None:
+    """Register the transport for ``loopback://`` and use it like any other."""
+    cascade_bus.register_transport("loopback", LoopbackTransport)
+    try:
+        async with cascade_bus.connect("loopback://") as bus:
+            async with bus.subscribe("greetings/#") as sub:
+                await bus.publish("greetings/en", {"text": "hello"})
+                env = await sub.get(timeout=1.0)
+                print("loopback delivered:", env.topic, env.payload)
+
+            async def echo(env: cascade_bus.Envelope[Any]) -> None:
+                await bus.reply(env, env.payload)
+
+            await bus.subscribe("echo", echo)
+            reply = await bus.request("echo", [1, 2, 3], timeout=1.0)
+            print("request/reply works too:", reply.payload)
+
+            try:
+                await bus.publish("greetings/en", {"text": "hi"}, retain=True)
+            except UnsupportedFeature as exc:
+                print("refused, not ignored:", exc)
+    finally:
+        cascade_bus.unregister_transport("loopback")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,32 @@
+"""The public surface for transport authors: everything an adapter needs, in one import.
+
+First-party adapters (MQTT, NATS, Redis) use only this module and the public package, exactly as
+a third-party transport would::
+
+    from cascade_bus.spi import Capabilities, Message, MessageSink, Transport
+"""
+
+from ._backoff import backoff_delays
+from ._capabilities import Capabilities
+from ._stats import DropReason, StatsRecorder
+from ._topics import IdentityMapper, TopicMapper, topic_matches
+from ._transport import Message, MessageSink, Transport, TransportSubscription
+from ._url import BusURL, parse_bool, parse_float, parse_int
+
+__all__ = [
+    "BusURL",
+    "Capabilities",
+    "DropReason",
+    "IdentityMapper",
+    "Message",
+    "MessageSink",
+    "StatsRecorder",
+    "TopicMapper",
+    "Transport",
+    "TransportSubscription",
+    "backoff_delays",
+    "parse_bool",
+    "parse_float",
+    "parse_int",
+    "topic_matches",
+]
