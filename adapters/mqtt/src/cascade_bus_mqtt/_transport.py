@@ -181,6 +181,7 @@ class MqttTransport(Transport):
         self._offline: deque[_Outgoing] = deque()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._written = asyncio.Event()
         self._lost_cause: BaseException | None = None
 
     def __repr__(self) -> str:
@@ -208,7 +209,7 @@ class MqttTransport(Transport):
         )
         properties = None
         if self._v5 and not o.clean_start:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = 0xFFFFFFFF
         return aiomqtt.Client(
             o.host,
@@ -235,6 +236,15 @@ class MqttTransport(Transport):
         paho = client._client
         paho.on_message = self._on_message
         paho.on_publish = self._on_publish
+        # Learn when paho has written everything it queued (flush, QoS 0 flow control).
+        unregister = paho.on_socket_unregister_write
+
+        def written(client: paho_mqtt.Client, userdata: Any, sock: Any) -> None:
+            if unregister is not None:
+                unregister(client, userdata, sock)
+            self._written.set()
+
+        paho.on_socket_unregister_write = written
         try:
             await client.__aenter__()
         except aiomqtt.MqttCodeError as exc:
@@ -375,7 +385,7 @@ class MqttTransport(Transport):
     def _props(self, headers: Mapping[str, str] | None) -> Properties | None:
         if not headers or not self._v5:
             return None
-        props = Properties(PacketTypes.PUBLISH)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.UserProperty = list(headers.items())
         return props
 
@@ -445,11 +455,17 @@ class MqttTransport(Transport):
 
     async def _drain_socket(self, paho: paho_mqtt.Client) -> None:
         """Let the event loop write paho's queued packets before queueing more (QoS 0)."""
-        low = _OUT_HIGH // 4
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5.0
-        while len(paho._out_packet) > low and self._connected and loop.time() < deadline:
-            await asyncio.sleep(0)
+        await self._wait_written(paho, 5.0)
+
+    async def _wait_written(self, paho: paho_mqtt.Client, timeout: float) -> None:
+        self._written.clear()
+        if not paho.want_write() or not self._connected:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self._written.wait()
+        except TimeoutError:
+            log.warning("%s did not accept our data for %.1fs", self.url.endpoint(), timeout)
 
     def _on_publish(
         self,
@@ -483,12 +499,13 @@ class MqttTransport(Transport):
         Raises:
             TimeoutError: not done within ``timeout`` seconds.
         """
-        loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
             await self._idle.wait()
-            while (paho := self._paho) is not None and paho.want_write() and self._connected:
-                await asyncio.sleep(0.001)
-            _ = loop
+            paho = self._paho
+            if paho is not None and self._connected:
+                self._written.clear()
+                if paho.want_write():
+                    await self._written.wait()
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -498,7 +515,7 @@ class MqttTransport(Transport):
         topic = msg.topic
         if topic.startswith(RESERVED_PREFIX):
             if topic == self._barrier_topic:
-                fut = self._barriers.pop(msg.payload, None)
+                fut = self._barriers.pop(bytes(msg.payload), None)
                 if fut is not None and not fut.done():
                     fut.set_result(None)
             return
@@ -512,7 +529,7 @@ class MqttTransport(Transport):
                     headers = dict(user)
                 ids = getattr(props, "SubscriptionIdentifier", None)
         retained = bool(msg.retain)
-        message = Message(topic, msg.payload, headers, retained=retained, qos=msg.qos)
+        message = Message(topic, bytes(msg.payload), headers, retained=retained, qos=msg.qos)
         if ids:
             for sub_id in ids:
                 entry = self._by_id.get(sub_id)
@@ -545,7 +562,7 @@ class MqttTransport(Transport):
             raise ConnectionLost(f"not connected to {self.url.endpoint()}")
         properties = None
         if self._v5:
-            properties = Properties(PacketTypes.SUBSCRIBE)
+            properties = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
             properties.SubscriptionIdentifier = sub_id
             options: SubscribeOptions | None = SubscribeOptions(qos=qos)
         else:
