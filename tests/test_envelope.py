@@ -231,7 +231,7 @@ def test_from_cloudevent_wrong_specversion(version: Any) -> None:
     event: dict[str, Any] = {"id": "1", "source": "s", "type": "t"}
     if version is not None:
         event["specversion"] = version
-    with pytest.raises(DecodeError, match="CloudEvents 1.0"):
+    with pytest.raises(DecodeError, match=r"CloudEvents 1\.0"):
         Envelope.from_cloudevent(event)
 
 
@@ -299,7 +299,8 @@ def test_empty_body() -> None:
 
 
 def test_is_clear_only_for_empty_bytes() -> None:
-    for payload in ("", None, {}, [], 0, b"x"):
+    payloads: list[Any] = ["", None, {}, [], 0, b"x"]
+    for payload in payloads:
         assert not decoder_for().decode("t", msgspec.json.encode(payload)).is_clear
 
 
@@ -322,6 +323,52 @@ def test_cloudevent_from_another_producer() -> None:
     assert env.type == "com.example.someevent"
     assert env.time == datetime(2018, 4, 5, 17, 31, tzinfo=UTC)
     assert env.payload == {"appinfoA": "abc", "appinfoB": 123}
+
+
+def test_cloudevent_without_data_from_another_producer() -> None:
+    # "data" is OPTIONAL in CloudEvents 1.0: an event without it is still an event.
+    body = b'{"specversion":"1.0","id":"ev-1","source":"/x","type":"com.example.ping"}'
+    env = decoder_for().decode("events/in", body)
+    assert env.id == "ev-1"
+    assert env.type == "com.example.ping"
+    assert env.payload is None
+    assert env.topic == "events/in"
+
+
+def test_cloudevent_with_data_base64_from_another_producer() -> None:
+    body = (
+        b'{"specversion":"1.0","id":"ev-2","source":"/x","type":"com.example.blob",'
+        b'"datacontenttype":"application/octet-stream","data_base64":"AAEC"}'
+    )
+    env = decoder_for().decode("events/in", body)
+    assert env.id == "ev-2"
+    assert env.payload == b"\x00\x01\x02"
+
+
+@pytest.mark.parametrize("data", ["not base64!", 'with "quotes" inside', "back\\slash"])
+def test_octet_stream_envelope_with_text_data_still_decodes(data: str) -> None:
+    # Another producer labels text as application/octet-stream: untyped decoding must still
+    # give an envelope (never a bare msgspec exception that would kill a receive loop).
+    body = msgspec.json.encode(
+        {
+            "specversion": "1.0",
+            "id": "ev-3",
+            "source": "/x",
+            "type": "t",
+            "time": "2020-01-01T00:00:00Z",
+            "datacontenttype": "application/octet-stream",
+            "data": data,
+        }
+    )
+    env = decoder_for().decode("events/in", body)
+    assert env.id == "ev-3"
+    assert env.payload == data
+
+
+def test_from_cloudevent_bad_data_base64() -> None:
+    event = {"specversion": "1.0", "id": "1", "source": "s", "type": "t", "data_base64": "abc"}
+    with pytest.raises(DecodeError, match="data_base64"):
+        Envelope.from_cloudevent(event)
 
 
 # -- typed decoding ------------------------------------------------------------------------------

@@ -19,12 +19,12 @@ from cascade_bus import (
     Transport,
     TransportSubscription,
     UnknownScheme,
+    _registry,
     available_transports,
     get_transport,
     register_transport,
     unregister_transport,
 )
-from cascade_bus import _registry
 from cascade_bus._memory import MemoryTransport
 
 
@@ -168,7 +168,7 @@ def test_installed_transport_that_cannot_be_imported(monkeypatch: pytest.MonkeyP
     assert isinstance(info.value.__cause__, ImportError)
 
 
-def test_entry_points_are_read_lazily_and_refreshable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_entry_points_are_read_lazily_and_refreshable() -> None:
     _registry.refresh()
     assert _registry._entry_points is None  # nothing read until the first lookup
     assert get_transport("memory") is MemoryTransport  # the real installed metadata

@@ -81,7 +81,7 @@ NOT_STRINGS: list[Any] = [None, 1, b"a/b", ["a"], ("a", "b")]
 
 @pytest.mark.parametrize("topic", VALID_TOPICS, ids=lambda t: repr(t[:20]))
 def test_valid_topic_is_returned_unchanged(topic: str) -> None:
-    assert validate_topic(topic) is topic
+    assert validate_topic(topic) == topic
 
 
 @pytest.mark.parametrize(("topic", "fragment"), INVALID_TOPICS, ids=lambda t: repr(t)[:20])
@@ -98,7 +98,7 @@ def test_invalid_topic_raises_with_reason(topic: str, fragment: str) -> None:
 
 @pytest.mark.parametrize("pattern", VALID_PATTERNS, ids=lambda t: repr(t[:20]))
 def test_valid_pattern_is_returned_unchanged(pattern: str) -> None:
-    assert validate_pattern(pattern) is pattern
+    assert validate_pattern(pattern) == pattern
 
 
 @pytest.mark.parametrize(("pattern", "fragment"), INVALID_PATTERNS, ids=lambda t: repr(t)[:20])
@@ -235,9 +235,7 @@ def patterns(draw: st.DrawFn) -> str:
 def pattern_from_topic(draw: st.DrawFn) -> tuple[str, str]:
     """A pattern derived from a topic, so that matches are common, then maybe perturbed."""
     topic_levels = draw(st.lists(levels, min_size=1, max_size=5))
-    pattern_levels = [
-        "+" if draw(st.integers(0, 3)) == 0 else level for level in topic_levels
-    ]
+    pattern_levels = ["+" if draw(st.integers(0, 3)) == 0 else level for level in topic_levels]
     if draw(st.booleans()):
         cut = draw(st.integers(0, len(pattern_levels)))
         pattern_levels = [*pattern_levels[:cut], "#"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 
@@ -201,9 +202,10 @@ def test_percent_escaped_password_is_masked_in_both_forms() -> None:
         f"m q://u:{SECRET}@h",  # bad scheme
         f"mqtt://u:{SECRET}@[::1:1883",  # unclosed IPv6 bracket
         f"mqtt://u:{SECRET}@[not-an-address]:1883",
-        # Users forget to percent-escape reserved characters in passwords:
-        "mqtt://u:sec/ret-Pa55@h:1883",
-        "mqtt://u:sec?ret-Pa55@h:1883",
+        # Users forget to percent-escape reserved characters in passwords; with a bad port the
+        # error must still hide the whole password:
+        "mqtt://u:sec/ret-Pa55@h:bad",
+        "mqtt://u:sec?ret-Pa55@h:bad",
     ],
 )
 def test_invalid_url_errors_never_show_the_password(text: str) -> None:
@@ -215,6 +217,15 @@ def test_invalid_url_errors_never_show_the_password(text: str) -> None:
     # nor in a chained cause a traceback would print
     cause = info.value.__cause__ or info.value.__context__
     assert cause is None or password not in str(cause)
+
+
+@pytest.mark.parametrize("password", ["sec/ret", "sec?ret", "sec@ret", "sec#ret"])
+def test_unescaped_reserved_characters_in_a_password_parse(password: str) -> None:
+    url = BusURL(f"mqtt://u:{password}@h:1883/p?a=1")
+    assert url.password == password
+    assert (url.host, url.port, url.path, url.options) == ("h", 1883, "/p", {"a": "1"})
+    assert password not in repr(url)
+    assert password not in url.redacted()
 
 
 async def test_bus_repr_and_url_hide_the_password() -> None:
@@ -242,7 +253,7 @@ async def test_bus_repr_and_url_hide_the_password() -> None:
         (f"memory://u:{SECRET}@h:nan", {}),
     ],
 )
-def test_connect_errors_never_show_the_password(text: str, options: dict[str, object]) -> None:
+def test_connect_errors_never_show_the_password(text: str, options: dict[str, Any]) -> None:
     with pytest.raises(InvalidURL) as info:
         cascade_bus.connect(text, **options)
     assert SECRET not in str(info.value)

@@ -1,19 +1,18 @@
-"""A complete (toy) transport: the SPI in about fifty lines, registered at run time."""
+"""A complete (toy) transport: the whole SPI in about sixty lines, registered at run time."""
 
 import asyncio
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import cascade_bus
-from cascade_bus import (
+from cascade_bus import PublishError, UnsupportedFeature
+from cascade_bus.spi import (
     BusURL,
     Capabilities,
     Message,
     MessageSink,
-    PublishError,
     Transport,
     TransportSubscription,
-    UnsupportedFeature,
     topic_matches,
 )
 
@@ -28,6 +27,7 @@ class LoopbackTransport(Transport):
 
     def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
         super().__init__(url, options)
+        # A real transport reads self.options here and raises InvalidURL for unknown ones.
         self._mine: list[tuple[str, MessageSink]] = []
         self._open = False
 

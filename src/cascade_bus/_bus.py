@@ -17,6 +17,7 @@ from ._errors import (
     BusClosed,
     BusError,
     ConnectError,
+    InvalidTopic,
     InvalidURL,
     PayloadTooLarge,
     PublishError,
@@ -82,14 +83,15 @@ class Bus:
             handler, an undecodable message); the default logs it.
         **options: Bus options (below) and transport options (see each transport's docs).
 
-    Bus options:
-        format: ``json`` (default; the CloudEvents envelope), ``msgpack``, or ``raw`` (the bare
-            payload; metadata in native headers where the transport has them).
-        source: The CloudEvents ``source`` of published envelopes.
-        buffer_size: Messages each subscription queues before flow control (default 10,000).
-        connect_timeout, publish_timeout, subscribe_timeout, close_timeout, flow_timeout,
-            retained_timeout: Bounds, in seconds, for every wait inside the bus.
-        inbox_prefix: Topic prefix for request/reply inboxes (default ``_inbox``).
+    The bus options (in the URL query or as keywords) are:
+
+    - ``format``: ``json`` (default; the CloudEvents envelope), ``msgpack``, or ``raw`` (the
+      bare payload; metadata in native headers where the transport has them).
+    - ``source``: the CloudEvents ``source`` of published envelopes.
+    - ``buffer_size``: messages each subscription queues before flow control (10,000).
+    - ``connect_timeout``, ``publish_timeout``, ``subscribe_timeout``, ``close_timeout``,
+      ``flow_timeout``, ``retained_timeout``: bounds, in seconds, for every wait in the bus.
+    - ``inbox_prefix``: topic prefix for request/reply inboxes (``_inbox``).
 
     Raises:
         UnknownScheme: no transport is installed for the URL's scheme.
@@ -110,7 +112,8 @@ class Bus:
             parsed = url if isinstance(url, BusURL) else BusURL(url)
             merged = parsed.merged_options(options)
             bus_options = {k: merged.pop(k) for k in list(merged) if k in _BUS_OPTIONS}
-            transport = get_transport(parsed.scheme).from_url(parsed, **merged)
+            # `merged` already holds the query minus the bus options: build from it directly.
+            transport = get_transport(parsed.scheme)(parsed, merged)
         else:
             unknown = set(options) - _BUS_OPTIONS
             if unknown:
@@ -144,7 +147,10 @@ class Bus:
             "retained_timeout", bus_options.get("retained_timeout", 5.0)
         )
         self._inbox_prefix = str(bus_options.get("inbox_prefix", "_inbox")).strip("/")
-        validate_topic(self._inbox_prefix)
+        try:
+            validate_topic(self._inbox_prefix)
+        except InvalidTopic as exc:
+            raise InvalidURL(f"option inbox_prefix={self._inbox_prefix!r}: {exc}") from None
         self._on_error = on_error
         self._stats = transport.stats
         self._state = _State.NEW
@@ -544,6 +550,28 @@ class Bus:
         self._subs.discard(sub)
 
     # -- request / reply -----------------------------------------------------------------------
+
+    @overload
+    async def request(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        timeout: float = 5.0,
+        headers: Mapping[str, str] | None = None,
+        type: None = None,
+    ) -> Envelope[Any]: ...
+
+    @overload
+    async def request(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        timeout: float = 5.0,
+        headers: Mapping[str, str] | None = None,
+        type: type[T],
+    ) -> Envelope[T]: ...
 
     async def request(
         self,

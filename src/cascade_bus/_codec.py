@@ -9,6 +9,8 @@ and opaque bytes all arrive as envelopes.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -165,22 +167,34 @@ class EnvelopeDecoder:
         if not data:
             return self._bare(topic, _EMPTY, headers, BYTES_CONTENT_TYPE)
         is_msgpack = data[0] in _MSGPACK_MAP
+        if not is_msgpack and b'"specversion"' not in data:
+            return self._foreign(topic, data, headers)  # a CloudEvent always names its version
         try:
             env: Envelope[Any] = (self._msgpack if is_msgpack else self._json).decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return self._slow(topic, data, headers, is_msgpack)
-        if (
-            env.content_type == BYTES_CONTENT_TYPE
-            and self._untyped
-            and isinstance(env.payload, str)
-        ):
+        payload = env.payload
+        if payload is None and not is_msgpack and b'"data_base64"' in data:
+            env = self._with_base64(env, data, topic)
+        elif env.content_type == BYTES_CONTENT_TYPE and self._untyped and isinstance(payload, str):
             # JSON carries bytes as base64 text; give back the bytes that were published.
-            env = msgspec.structs.replace(
-                env, payload=msgspec.json.decode(b'"' + env.payload.encode() + b'"', type=bytes)
-            )
+            with contextlib.suppress(binascii.Error, ValueError):  # not base64: keep the text
+                env = msgspec.structs.replace(env, payload=base64.b64decode(payload, validate=True))
         if not env.topic:
             env = msgspec.structs.replace(env, topic=topic)
         return env
+
+    def _with_base64(self, env: Envelope[Any], data: bytes, topic: str) -> Envelope[Any]:
+        """A CloudEvent carrying binary data as ``data_base64`` (other producers do)."""
+        try:
+            raw = _base64_shell.decode(data).data_base64
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise DecodeError(
+                f"CloudEvent on {topic!r} has bad data_base64: {exc}", topic=topic
+            ) from None
+        if raw is None:
+            return env
+        return msgspec.structs.replace(env, payload=raw)
 
     def _slow(
         self, topic: str, data: bytes, headers: Mapping[str, str] | None, is_msgpack: bool
@@ -202,6 +216,12 @@ class EnvelopeDecoder:
 
     def _foreign(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> Envelope[Any]:
         """A body that is not an envelope: bare JSON from another client, or opaque bytes."""
+        if (
+            headers
+            and headers.get("content-type") == BYTES_CONTENT_TYPE
+            and (self._untyped or self._type is bytes)
+        ):
+            return self._bare(topic, data, headers, BYTES_CONTENT_TYPE)
         try:
             payload: Any = self._json_payload.decode(data)
         except msgspec.ValidationError as exc:
@@ -259,6 +279,11 @@ class EnvelopeDecoder:
         )
 
 
+class _Base64Shell(msgspec.Struct):
+    data_base64: bytes | None = None
+
+
+_base64_shell = msgspec.json.Decoder(_Base64Shell)
 _raw_envelope_json = msgspec.json.Decoder(Envelope[msgspec.Raw])
 _raw_envelope_msgpack = msgspec.msgpack.Decoder(Envelope[msgspec.Raw])
 

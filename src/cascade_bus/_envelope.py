@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import itertools
 import os
 from datetime import UTC, datetime
@@ -63,9 +64,9 @@ class Envelope(
     id: str
     source: str
     type: str
-    time: datetime
+    time: datetime = msgspec.field(default_factory=lambda: datetime.now(UTC))
     topic: str = ""
-    payload: T = msgspec.field(name="data")
+    payload: T = msgspec.field(default=None, name="data")  # type: ignore[assignment]
     content_type: str = msgspec.field(default=JSON_CONTENT_TYPE, name="datacontenttype")
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     correlation_id: str | None = msgspec.field(default=None, name="correlationid")
@@ -148,7 +149,10 @@ class Envelope(
         except ValueError as exc:
             raise DecodeError(f"CloudEvent time {time_text!r} is not RFC 3339") from exc
         if "data_base64" in event:
-            payload: Any = base64.b64decode(event["data_base64"])
+            try:
+                payload: Any = base64.b64decode(event["data_base64"], validate=True)
+            except (binascii.Error, TypeError, ValueError) as exc:
+                raise DecodeError(f"CloudEvent data_base64 is not valid base64: {exc}") from None
             content_type = event.get("datacontenttype", BYTES_CONTENT_TYPE)
         else:
             payload = event.get("data")

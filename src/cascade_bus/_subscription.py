@@ -179,9 +179,9 @@ class Subscription(Generic[T]):
                 self._made_room()
             try:
                 env = decode(message.topic, message.data, message.headers)
-            except DecodeError as exc:
+            except Exception as exc:  # a bad message must never stop the subscription
                 stats.drop(DropReason.DECODE_ERROR)
-                report(exc, message.topic, None)
+                report(_as_decode_error(exc, message.topic), message.topic, None)
             else:
                 try:
                     if is_async:
@@ -249,9 +249,9 @@ class Subscription(Generic[T]):
                 self._processed += 1
                 try:
                     env: Envelope[T] = self._decode(message.topic, message.data, message.headers)
-                except DecodeError as exc:
+                except Exception as exc:  # a bad message must never end the iteration
                     self._stats.drop(DropReason.DECODE_ERROR)
-                    self._bus._report(exc, message.topic, None)
+                    self._bus._report(_as_decode_error(exc, message.topic), message.topic, None)
                     if message.ack is not None:
                         await self._ack(message)
                     continue
@@ -329,6 +329,14 @@ class Subscription(Generic[T]):
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+
+def _as_decode_error(exc: Exception, topic: str) -> DecodeError:
+    if isinstance(exc, DecodeError):
+        return exc
+    error = DecodeError(f"message on {topic!r} could not be decoded: {exc}", topic=topic)
+    error.__cause__ = exc
+    return error
 
 
 class SubscribeCall(Generic[T]):

@@ -39,19 +39,24 @@ class BusURL:
         if not scheme or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
             raise InvalidURL(f"invalid URL scheme {scheme!r}")
         self.scheme = scheme.lower()
-        # urlsplit handles one host; we split the netloc ourselves to allow a,b,c clusters.
-        parts = urlsplit("x://" + rest)
-        netloc = parts.netloc
+        where = self._mask_text(url)
         self.username: str | None = None
         self._password: str | None = None
-        if "@" in netloc:
-            userinfo, netloc = netloc.rsplit("@", 1)
+        # Userinfo runs to the last '@', so an unescaped '/', '?' or '@' in a password still
+        # parses (and stays masked) instead of being mistaken for the path or the host.
+        at = rest.rfind("@")
+        if at >= 0:
+            userinfo, rest = rest[:at], rest[at + 1 :]
             user, sep, password = userinfo.partition(":")
             self.username = unquote(user) or None
             self._password = unquote(password) if sep else None
-        where = self._mask_text(url)
+        try:
+            # urlsplit handles one host; we split the netloc ourselves to allow a,b clusters.
+            parts = urlsplit("x://" + rest)
+        except ValueError as exc:
+            raise InvalidURL(f"cannot parse {where!r}: {exc}") from None
         self.hosts: tuple[tuple[str, int | None], ...] = tuple(
-            self._parse_host(h, where) for h in netloc.split(",") if h
+            self._parse_host(h, where) for h in parts.netloc.split(",") if h
         )
         self.path = parts.path
         try:
@@ -65,16 +70,12 @@ class BusURL:
     def _mask_text(text: str) -> str:
         """Mask the password in URL-ish text that may not even parse."""
         scheme, sep, rest = text.rpartition("://")
-        netloc_end = len(rest)
-        for stop in "/?":
-            if stop in rest:
-                netloc_end = min(netloc_end, rest.index(stop))
-        netloc = rest[:netloc_end]
-        if "@" in netloc:
-            userinfo, host = netloc.rsplit("@", 1)
+        at = rest.rfind("@")
+        if at >= 0:
+            userinfo, host = rest[:at], rest[at + 1 :]
             if ":" in userinfo:
                 userinfo = userinfo.split(":", 1)[0] + ":" + _MASK
-            rest = userinfo + "@" + host + rest[netloc_end:]
+            rest = userinfo + "@" + host
         return scheme + sep + rest
 
     @staticmethod
@@ -138,7 +139,10 @@ class BusURL:
 
     def endpoint(self) -> str:
         """``scheme://host:port`` without credentials or options, for messages and logs."""
-        hosts = ",".join(f"{h}:{p}" if p is not None else h for h, p in self.hosts)
+        hosts = ",".join(
+            (f"[{h}]" if ":" in h else h) + (f":{p}" if p is not None else "")
+            for h, p in self.hosts
+        )
         return f"{self.scheme}://{hosts}{self.path}"
 
     def merged_options(self, overrides: Mapping[str, Any]) -> dict[str, Any]:

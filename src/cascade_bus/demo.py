@@ -174,10 +174,14 @@ class Watcher:
 
     Args:
         console: Where to print.
+        runs: The runs of this demo; messages about other runs (another demo sharing the
+            broker) are counted in `foreign` and not shown.
     """
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, runs: Sequence[str]) -> None:
         self.console = console
+        self.runs = frozenset(runs)
+        self.foreign = 0
         self.states: Counter[str] = Counter()
         self.events = 0
         self.pauses = 0
@@ -191,6 +195,9 @@ class Watcher:
             self.console.line("watcher", f"{topic}: {payload}")
             return
         _, _, run, task, attempt, _ = parts
+        if run not in self.runs:
+            self.foreign += 1
+            return
         state = str(payload.get("state", "?"))
         self.events += 1
         self.states[state] += 1
@@ -202,6 +209,9 @@ class Watcher:
     async def on_constraint(self, topic: str, payload: dict[str, Any]) -> None:
         """Print a pause (retained constraint set) or a resume (constraint cleared)."""
         run = topic.rsplit("/", 1)[-1]
+        if run not in self.runs:
+            self.foreign += 1
+            return
         if payload.get("paused"):
             self.pauses += 1
             reason = payload.get("reason", "no reason given")
@@ -256,7 +266,7 @@ async def run_demo(url: str, runs: int, tasks: int, seconds: float, seed: int) -
     watcher_conn = Connector(url)
     controller = Connector(url)
     engine_conn = Connector(url)
-    watcher = Watcher(console)
+    watcher = Watcher(console, run_ids)
     engine = Engine(engine_conn, console, run_ids, tasks, unit, seed)
     console.line("demo", f"{runs} runs x {tasks} tasks on {BusURL(url).redacted()}")
     try:
@@ -299,6 +309,8 @@ async def run_demo(url: str, runs: int, tasks: int, seconds: float, seed: int) -
     )
     console.print(f"  events by state: {by_state}")
     console.print(f"  constraints: {watcher.pauses} pause(s), {watcher.resumes} resume(s)")
+    if watcher.foreign:
+        console.print(f"  other traffic on the broker: {watcher.foreign} message(s), not shown")
     console.print("  bus stats:")
     console.print(_stats_line("engine", engine_stats))
     console.print(_stats_line("controller", controller_stats))

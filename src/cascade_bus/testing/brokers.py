@@ -571,6 +571,7 @@ def _mosquitto_config(
     *,
     extra_config: str,
     password_file: Path | None,
+    persistence: bool = False,
 ) -> str:
     lines: list[str] = []
     if hasattr(os, "geteuid") and os.geteuid() == 0 and not _mentions(extra_config, "user"):
@@ -579,7 +580,7 @@ def _mosquitto_config(
         lines.append("user root")
     lines += [
         f"listener {port} {LOCALHOST}",
-        "persistence false",
+        f"persistence {'true' if persistence else 'false'}",
         "set_tcp_nodelay true",
         "max_queued_messages 0",
         "max_inflight_messages 0",
@@ -591,6 +592,10 @@ def _mosquitto_config(
         "connection_messages true",
         "log_timestamp true",
     ]
+    if persistence:
+        # Saved when Mosquitto exits (SIGTERM) and loaded on start: sessions, subscriptions,
+        # queued and retained messages survive restart().
+        lines += [f"persistence_location {workdir}/", "persistence_file mosquitto.db"]
     if password_file is not None and not _mentions(extra_config, "password_file"):
         lines.append(f"password_file {password_file}")
     if not _mentions(extra_config, "allow_anonymous"):
@@ -630,10 +635,12 @@ def start_mosquitto(
     extra_config: str = "",
     password_file: str | os.PathLike[str] | None = None,
     users: Mapping[str, str] | None = None,
+    persistence: bool = False,
 ) -> BrokerProcess:
     """Start a private Mosquitto broker (or amqtt when Mosquitto is missing).
 
-    The generated config listens on 127.0.0.1 only, keeps nothing on disk,
+    The generated config listens on 127.0.0.1 only, keeps nothing on disk
+    (unless ``persistence``),
     sets TCP_NODELAY and lifts the queue limits (``max_queued_messages 0``,
     ``max_inflight_messages 0``) so no-loss tests are not undermined by
     Mosquitto silently dropping messages. Anonymous access is allowed
@@ -646,6 +653,9 @@ def start_mosquitto(
         password_file: A Mosquitto password file to enforce.
         users: User names and passwords; a password file is generated with
             ``mosquitto_passwd`` (ignored when ``password_file`` is given).
+        persistence: Keep sessions, subscriptions, queued QoS>=1 and retained
+            messages in the work directory across ``stop()``/``start()``/``restart()``
+            (Mosquitto saves its database when it exits on SIGTERM).
 
     Returns:
         The started broker.
@@ -657,11 +667,11 @@ def start_mosquitto(
     """
     exe = find_executable("mosquitto", "/usr/sbin/mosquitto")
     if exe is None:
-        if extra_config or password_file is not None or users:
+        if extra_config or password_file is not None or users or persistence:
             raise BrokerNotFoundError(
                 "mqtt",
                 "`mosquitto` not found and the amqtt fallback does not support "
-                "extra_config, password_file or users",
+                "extra_config, password_file, users or persistence",
             )
         return start_amqtt(port)
 
@@ -673,7 +683,13 @@ def start_mosquitto(
                 _write_mosquitto_passwords(users, pw)
         config = workdir / "mosquitto.conf"
         config.write_text(
-            _mosquitto_config(port, workdir, extra_config=extra_config, password_file=pw)
+            _mosquitto_config(
+                port,
+                workdir,
+                extra_config=extra_config,
+                password_file=pw,
+                persistence=persistence,
+            )
         )
         return [str(exe), "-c", str(config)]
 

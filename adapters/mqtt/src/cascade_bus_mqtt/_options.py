@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cascade_bus import InvalidURL
+from cascade_bus import InvalidTopic, InvalidURL, validate_topic
 from cascade_bus.spi import BusURL, parse_bool, parse_float, parse_int
 
 __all__ = ["MqttOptions"]
@@ -39,6 +39,7 @@ class MqttOptions:
     offline_buffer: int
     max_inflight: int
     tcp_nodelay: bool
+    presence_topic: str | None
 
     def __repr__(self) -> str:
         return (
@@ -59,7 +60,7 @@ class MqttOptions:
             "client_id", "version", "keepalive", "clean_start", "ca_file", "certfile",
             "keyfile", "tls_verify", "will_topic", "will_payload", "will_qos", "will_retain",
             "reconnect", "reconnect_min", "reconnect_max", "offline_buffer", "max_inflight",
-            "tcp_nodelay", "username", "password",
+            "tcp_nodelay", "username", "password", "presence_topic",
         }  # fmt: skip
         unknown = sorted(set(opts) - known)
         if unknown:
@@ -76,6 +77,16 @@ class MqttOptions:
         if will_qos > 2:
             raise InvalidURL(f"will_qos={will_qos}: QoS is 0, 1 or 2")
         will_payload = opts.get("will_payload", b"")
+        presence_topic = opts.get("presence_topic") or None
+        if presence_topic is not None:
+            if opts.get("will_topic"):
+                raise InvalidURL(
+                    "presence_topic sets the will itself; do not combine it with will_topic"
+                )
+            try:
+                validate_topic(str(presence_topic))
+            except InvalidTopic as exc:
+                raise InvalidURL(f"presence_topic={presence_topic!r}: {exc}") from None
         if isinstance(will_payload, str):
             will_payload = will_payload.encode()
         return cls(
@@ -98,6 +109,7 @@ class MqttOptions:
             offline_buffer=parse_int("offline_buffer", opts.get("offline_buffer", 10_000)),
             max_inflight=parse_int("max_inflight", opts.get("max_inflight", 20)),
             tcp_nodelay=parse_bool("tcp_nodelay", opts.get("tcp_nodelay", True)),
+            presence_topic=None if presence_topic is None else str(presence_topic),
         )
 
 

@@ -17,6 +17,11 @@ Reliability, which aiomqtt 2.x leaves to the user:
   filter has been delivered first (no sleeps). With MQTT 5 each filter carries a subscription
   identifier, so a message reaches exactly the subscriptions the broker matched, and a retained
   replay caused by one subscribe reaches only that subscription.
+- Every wait on the broker during (re)connect and subscribe races the connection's loss, so a
+  broker that goes away mid-handshake costs one failed attempt, not aiomqtt's 10 s timeout.
+- Presence (``presence_topic``): on every (re)connect a retained ``{"online": true, ...}`` is
+  published (QoS 1, acknowledged before ``connect`` returns); the will, set to the retained
+  ``{"online": false, ...}``, marks a crash; a clean ``aclose`` publishes it itself first.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from collections.abc import Awaitable, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import aiomqtt
 import msgspec
@@ -63,6 +68,8 @@ from ._options import MqttOptions
 __all__ = ["MqttTransport"]
 
 log = logging.getLogger("cascade_bus.mqtt")
+
+_T = TypeVar("_T")
 
 #: Topics under this prefix are the adapter's own (subscribe barriers); never delivered.
 RESERVED_PREFIX = "_cascade_bus/"
@@ -150,7 +157,8 @@ class MqttTransport(Transport):
     ``keepalive`` (60 s), ``clean_start`` (true), ``ca_file``/``certfile``/``keyfile``/
     ``tls_verify`` (mqtts), ``will_topic``/``will_payload``/``will_qos``/``will_retain``,
     ``reconnect`` (true), ``reconnect_min``/``reconnect_max`` (backoff bounds, s),
-    ``offline_buffer`` (10,000 messages), ``max_inflight`` (20), ``tcp_nodelay`` (true).
+    ``offline_buffer`` (10,000 messages), ``max_inflight`` (20), ``tcp_nodelay`` (true),
+    ``presence_topic`` (none; see `presence_payload`).
     """
 
     capabilities: Capabilities = _V5_CAPS
@@ -183,10 +191,49 @@ class MqttTransport(Transport):
         self._idle.set()
         self._written = asyncio.Event()
         self._lost_cause: BaseException | None = None
+        self._state_changed = asyncio.Event()
+        # PUBACKs awaited by the adapter itself (presence), by mid of the current client.
+        self._control: dict[int, asyncio.Future[None]] = {}
 
     def __repr__(self) -> str:
         state = "connected" if self._connected else "disconnected"
         return f"<MqttTransport {self.url.redacted()} {state}>"
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection to the broker is up (False while reconnecting)."""
+        return self._connected
+
+    async def wait_connected(self, *, reconnects: int = 0) -> None:
+        """Wait until connected and ``stats.reconnects >= reconnects`` (for tests, health checks).
+
+        Bound it with ``asyncio.timeout``.
+
+        Raises:
+            BusClosed: the transport was closed.
+        """
+        while not (self._connected and self.stats.reconnects >= reconnects):
+            if self._closed:
+                raise BusClosed("the MQTT transport is closed")
+            await self._state_changed.wait()
+
+    async def wait_disconnected(self) -> None:
+        """Wait until the transport noticed the connection is gone (or it was closed)."""
+        while self._connected:
+            await self._state_changed.wait()
+
+    def _set_connected(self, up: bool) -> None:
+        self._connected = up
+        if up:
+            self._up.set()
+        else:
+            self._up.clear()
+        changed, self._state_changed = self._state_changed, asyncio.Event()
+        changed.set()
+
+    def presence_payload(self, online: bool) -> bytes:
+        """The retained body on ``presence_topic``: ``{"online": <bool>, "client_id": <id>}``."""
+        return msgspec.json.encode({"online": online, "client_id": self._opts.client_id})
 
     @property
     def buffered(self) -> int:
@@ -207,6 +254,8 @@ class MqttTransport(Transport):
             if o.will_topic
             else None
         )
+        if o.presence_topic:
+            will = aiomqtt.Will(o.presence_topic, self.presence_payload(False), 1, True)
         properties = None
         if self._v5 and not o.clean_start:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -257,9 +306,51 @@ class MqttTransport(Transport):
         self._paho = paho
         try:
             await self._subscribe_native(self._barrier_topic, 1, _BARRIER_ID)
+            if self._opts.presence_topic:
+                await self._publish_control(
+                    self._opts.presence_topic, self.presence_payload(True), retain=True
+                )
         except BaseException:
             await self._drop_client()
             raise
+
+    async def _until_lost(self, waitable: Awaitable[_T], what: str) -> _T:
+        """Await ``waitable`` unless the current connection drops first (then ConnectionLost)."""
+        client = self._client
+        task = asyncio.ensure_future(waitable)
+        if client is None:
+            task.cancel()
+            raise ConnectionLost(f"not connected to {self.url.endpoint()}")
+        lost = client._disconnected
+        try:
+            await asyncio.wait((task, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            raise ConnectionLost(f"lost the connection to {self.url.endpoint()} while {what}")
+        return task.result()
+
+    async def _publish_control(self, topic: str, data: bytes, *, retain: bool) -> None:
+        """Publish the adapter's own QoS 1 message and wait (bounded) for its PUBACK."""
+        paho = self._paho
+        if paho is None:
+            raise ConnectionLost(f"not connected to {self.url.endpoint()}")
+        info = paho.publish(topic, data, 1, retain)
+        if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
+            raise ConnectionLost(f"lost {self.url.endpoint()} while publishing to {topic!r}")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._control[info.mid] = fut
+        try:
+            async with asyncio.timeout(10.0):
+                await self._until_lost(fut, f"publishing to {topic!r}")
+        except TimeoutError:
+            raise PublishError(
+                f"{self.url.endpoint()} did not acknowledge the message for {topic!r}", topic=topic
+            ) from None
+        finally:
+            self._control.pop(info.mid, None)
 
     async def connect(self) -> None:
         """Connect, subscribe the barrier topic and start the reconnect supervisor.
@@ -268,16 +359,21 @@ class MqttTransport(Transport):
             ConnectError: unreachable broker or refused credentials (no password shown).
         """
         await self._open_client()
-        self._connected = True
-        self._up.set()
+        self._set_connected(True)
         self._supervisor = asyncio.get_running_loop().create_task(
             self._supervise(), name=f"cascade_bus.mqtt[{self._opts.client_id}].supervisor"
         )
 
     async def _drop_client(self) -> None:
         client, self._client, self._paho = self._client, None, None
+        for fut in self._control.values():
+            fut.cancel()
+        self._control.clear()
         if client is None:
             return
+        lost = client._disconnected
+        if lost.done() and not lost.cancelled():
+            lost.exception()  # retrieved: no "exception was never retrieved" noise
         try:
             async with asyncio.timeout(2.0):
                 await client.__aexit__(None, None, None)
@@ -296,8 +392,7 @@ class MqttTransport(Transport):
                 cause = exc
             if self._closing:
                 return
-            self._connected = False
-            self._up.clear()
+            self._set_connected(False)
             self._lost_cause = cause
             await self._drop_client()
             self._requeue_inflight()
@@ -318,7 +413,14 @@ class MqttTransport(Transport):
             try:
                 await self._open_client()
                 await self._resubscribe_all()
-            except (ConnectError, SubscribeError, OSError, aiomqtt.MqttError) as exc:
+            except (
+                ConnectError,
+                ConnectionLost,
+                SubscribeError,
+                PublishError,
+                OSError,
+                aiomqtt.MqttError,
+            ) as exc:
                 log.info("reconnect attempt %d to %s failed: %s", attempt, self.url.endpoint(), exc)
                 await self._drop_client()
                 continue
@@ -326,7 +428,7 @@ class MqttTransport(Transport):
         self.stats.reconnects += 1
         self._connected = True
         self._resend_offline()
-        self._up.set()
+        self._set_connected(True)
         log.warning("reconnected to %s after %d attempt(s)", self.url.endpoint(), attempt)
 
     def _requeue_inflight(self) -> None:
@@ -372,8 +474,15 @@ class MqttTransport(Transport):
         if supervisor is not None and not supervisor.done():
             supervisor.cancel()
             await asyncio.gather(supervisor, return_exceptions=True)
+        presence = self._opts.presence_topic
+        if presence and self._connected and self._paho is not None:
+            # A clean DISCONNECT suppresses the will, so say "offline" ourselves first.
+            try:
+                await self._publish_control(presence, self.presence_payload(False), retain=True)
+            except (ConnectionLost, PublishError) as exc:
+                log.warning("could not publish the offline presence to %r: %s", presence, exc)
         await self._drop_client()
-        self._connected = False
+        self._set_connected(False)
         if self._offline or self._inflight:
             self._fail_waiting(BusClosed("the MQTT transport was closed"))
         for fut in self._barriers.values():
@@ -475,6 +584,11 @@ class MqttTransport(Transport):
         reason_code: ReasonCode,
         properties: Properties,
     ) -> None:
+        control = self._control.get(mid)
+        if control is not None:
+            if not control.done():
+                control.set_result(None)
+            return
         out = self._inflight.pop(mid, None)
         if out is not None:
             if reason_code.is_failure:
@@ -528,6 +642,8 @@ class MqttTransport(Transport):
                 if user:
                     headers = dict(user)
                 ids = getattr(props, "SubscriptionIdentifier", None)
+        if msg.dup:
+            self.stats.duplicates += 1  # a redelivery: the broker never saw our PUBACK
         retained = bool(msg.retain)
         message = Message(topic, bytes(msg.payload), headers, retained=retained, qos=msg.qos)
         if ids:
@@ -569,9 +685,10 @@ class MqttTransport(Transport):
             options = None
         try:
             if options is not None:
-                granted = await client.subscribe(native, options=options, properties=properties)
+                call = client.subscribe(native, options=options, properties=properties)
             else:
-                granted = await client.subscribe(native, qos)
+                call = client.subscribe(native, qos)
+            granted = await self._until_lost(call, f"subscribing to {native!r}")
         except aiomqtt.MqttError as exc:
             raise SubscribeError(f"subscribe to {native!r} failed: {exc}", pattern=native) from exc
         for code in granted:
@@ -594,7 +711,7 @@ class MqttTransport(Transport):
             info = paho.publish(self._barrier_topic, token, min(max(qos, 0), 1))
             if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
                 raise ConnectionLost(f"lost {self.url.endpoint()} while subscribing")
-            await fut
+            await self._until_lost(fut, "waiting for the subscribe barrier")
         finally:
             self._barriers.pop(token, None)
 
