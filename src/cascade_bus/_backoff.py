@@ -15,6 +15,12 @@ def backoff_delays(
 
     Each delay is drawn uniformly from ``[d * (1 - jitter), d]`` ("equal jitter"), so a fleet of
     clients that lost the same broker does not reconnect in lock-step.
+
+    Args:
+        initial: The first delay in seconds.
+        maximum: The largest delay in seconds.
+        factor: How much each delay grows over the previous one.
+        jitter: The fraction (0..1) of each delay that is randomised away.
     """
     delay = max(initial, 0.0)
     while True:

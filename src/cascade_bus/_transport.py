@@ -94,22 +94,22 @@ class Transport(abc.ABC):
         options: Transport options: URL query parameters overlaid with keyword options.
     """
 
-    #: What this transport can do; the bus refuses anything not declared. A class attribute;
-    #: an instance may narrow it once it has read its options (MQTT 3.1.1 has no headers).
     capabilities: Capabilities = Capabilities()
-    #: Translates portable topics to native names and back.
+    """What this transport can do; the bus refuses anything not declared. A class attribute;
+    an instance may narrow it once it has read its options (MQTT 3.1.1 has no headers)."""
     mapper: ClassVar[TopicMapper] = IdentityMapper()
-    #: The distribution that provides this transport (for error messages and ``transports``).
+    """Translates portable topics to native names and back."""
     package: ClassVar[str] = "cascade-bus"
-    #: False when the transport may deliver messages a pattern does not match exactly (e.g. a
-    #: broader native glob); the bus then filters every message with `topic_matches`.
+    """The distribution that provides this transport (for error messages and listings)."""
     filters_exactly: ClassVar[bool] = True
+    """False when the transport may deliver messages a pattern does not match exactly (e.g. a
+    broader native glob); the bus then filters every message with `topic_matches`."""
 
     def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
         self.url = url
         self.options = dict(options)
-        #: Counters the transport updates (reconnects, drops while disconnected, ...).
         self.stats = StatsRecorder()
+        """Counters the transport updates (reconnects, drops while disconnected, ...)."""
 
     @classmethod
     def from_url(cls, url: BusURL, **options: Any) -> Self:

@@ -138,6 +138,14 @@ class _Entry:
         self.fresh: MessageSink | None = None
 
 
+def _abandon_connect(client: aiomqtt.Client) -> None:
+    """Fail a connect attempt still waiting for CONNACK: its connection is gone."""
+    pending = client._connected
+    if not pending.done():
+        pending.set_exception(aiomqtt.MqttError("the connection closed before CONNACK"))
+        pending.exception()  # whoever awaits it still gets it; no "never retrieved" noise
+
+
 class _Handle(TransportSubscription):
     __slots__ = ("entry", "sink", "transport")
 
@@ -294,6 +302,17 @@ class MqttTransport(Transport):
             self._written.set()
 
         paho.on_socket_unregister_write = written
+        # aiomqtt ignores a connection that closes before CONNACK (a broker shutting down, a
+        # proxy refusing) and waits out its whole timeout; fail the attempt at once instead.
+        on_disconnect = paho.on_disconnect
+        loop = asyncio.get_running_loop()
+
+        def disconnected(*args: Any) -> None:
+            if on_disconnect is not None:
+                on_disconnect(*args)
+            loop.call_soon_threadsafe(_abandon_connect, client)
+
+        paho.on_disconnect = disconnected
         try:
             await client.__aenter__()
         except aiomqtt.MqttCodeError as exc:
