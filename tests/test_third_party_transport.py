@@ -1,9 +1,10 @@
 """A third-party transport plugs in through the public extension point and passes the suite.
 
-`LoopbackTransport` is written here from scratch against the public SPI only (``Transport``,
-``TransportSubscription``, ``Message``, ``MessageSink``, ``Capabilities`` and
-``topic_matches``): an in-process broker with a receive loop per subscription, as a network
-client has. It is registered twice, the two ways a real package can do it:
+`LoopbackTransport` is written here from scratch against the public SPI only
+(``cascade_bus.spi``: ``Transport``, ``TransportSubscription``, ``Message``, ``MessageSink``,
+``Capabilities``, ``topic_matches``, ``parse_int``): an in-process broker with a receive loop
+per subscription, as a network client has. It is registered twice, the two ways a real
+package can do it:
 
 - at run time with ``register_transport("loopback", ...)``, then the whole `ConformanceSuite`
   runs against it (``TestLoopback``);
@@ -27,21 +28,24 @@ import pytest
 
 import cascade_bus
 from cascade_bus import (
-    BusURL,
-    Capabilities,
     ConnectError,
     InvalidURL,
-    Message,
-    MessageSink,
     PublishError,
-    Transport,
-    TransportSubscription,
     available_transports,
     register_transport,
-    topic_matches,
     unregister_transport,
 )
 from cascade_bus import _registry as registry
+from cascade_bus.spi import (
+    BusURL,
+    Capabilities,
+    Message,
+    MessageSink,
+    Transport,
+    TransportSubscription,
+    parse_int,
+    topic_matches,
+)
 from cascade_bus.testing import ConformanceSuite
 
 # -- the third-party transport -----------------------------------------------------------------
@@ -179,7 +183,7 @@ class LoopbackTransport(Transport):
         unknown = set(self.options) - {"max_payload"}
         if unknown:
             raise InvalidURL(f"loopback:// does not know option(s) {sorted(unknown)}")
-        self._max_payload = int(self.options.get("max_payload", 64 * 1024))
+        self._max_payload = parse_int("max_payload", self.options.get("max_payload", 64 * 1024))
         self.broker = _LoopbackBroker.named(url.host or "default")
         self.subs: list[_LoopbackSubscription] = []
         self.connected = False

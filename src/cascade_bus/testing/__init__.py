@@ -19,9 +19,9 @@ if "pytest" in sys.modules:  # rewrite the suite's asserts for readable failures
     sys.modules["pytest"].register_assert_rewrite("cascade_bus.testing.conformance")
 
 if TYPE_CHECKING:
-    from .conformance import ConformanceSuite, with_query
+    from .conformance import Collector, ConformanceSuite, with_query
 
-__all__ = ["ConformanceSuite", "with_query"]
+__all__ = ["Collector", "ConformanceSuite", "with_query"]
 
 
 def __getattr__(name: str) -> Any:

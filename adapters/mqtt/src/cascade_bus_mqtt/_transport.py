@@ -277,7 +277,10 @@ class MqttTransport(Transport):
             protocol=aiomqtt.ProtocolVersion.V5 if self._v5 else aiomqtt.ProtocolVersion.V311,
             keepalive=o.keepalive,
             clean_session=None if self._v5 else o.clean_start,
-            clean_start=(paho_mqtt.MQTT_CLEAN_START_FIRST_ONLY if o.clean_start else False),
+            # paho refuses any other clean_start with 3.1.1 (clean_session says it there).
+            clean_start=(
+                paho_mqtt.MQTT_CLEAN_START_FIRST_ONLY if o.clean_start or not self._v5 else False
+            ),
             properties=properties,
             tls_context=o.tls,
             will=will,
@@ -682,10 +685,13 @@ class MqttTransport(Transport):
 
     @staticmethod
     def _deliver(entry: _Entry, message: Message, retained: bool) -> None:
-        fresh = entry.fresh
-        if retained and fresh is not None:
-            fresh.deliver(message)
-            return
+        if retained:
+            if entry.queue is not None:
+                return  # Mosquitto replays retained to shared subscriptions; the bus does not
+            fresh = entry.fresh
+            if fresh is not None:
+                fresh.deliver(message)
+                return
         for sink in entry.sinks:
             sink.deliver(message)
 

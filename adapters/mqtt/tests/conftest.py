@@ -1,0 +1,137 @@
+"""Shared helpers for the MQTT adapter's own tests (fault, auth/TLS, interop, will/presence).
+
+Every wait here is event-driven and bounded: a helper waits for a handler call or a transport
+state change, never for time to pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from cascade_bus_mqtt import MqttTransport
+
+from cascade_bus import Bus, Envelope
+
+#: Small reconnect backoff so that fault tests recover in tens of milliseconds.
+FAST_RECONNECT: dict[str, Any] = {"reconnect_min": 0.02, "reconnect_max": 0.2}
+#: Upper bound for any single wait in these tests.
+WAIT = 10.0
+
+
+class Inbox:
+    """A subscription handler that keeps what it receives and can wait for a count."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope[Any]] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, env: Envelope[Any]) -> None:
+        self.envelopes.append(env)
+        self._changed.set()
+
+    @property
+    def payloads(self) -> list[Any]:
+        return [env.payload for env in self.envelopes]
+
+    def __len__(self) -> int:
+        return len(self.envelopes)
+
+    async def wait_for(self, count: int, timeout: float = WAIT) -> list[Any]:
+        """Wait until at least ``count`` messages arrived; return the first ``count`` payloads."""
+        try:
+            async with asyncio.timeout(timeout):
+                while len(self.envelopes) < count:
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(
+                f"waited {timeout}s for {count} messages, got {len(self.envelopes)}: "
+                f"{self.payloads!r}"
+            ) from None
+        return self.payloads[:count]
+
+
+def mqtt(bus: Bus) -> MqttTransport:
+    """The bus's transport, as the MQTT transport."""
+    assert isinstance(bus.transport, MqttTransport)
+    return cast(MqttTransport, bus.transport)
+
+
+async def wait_connected(bus: Bus, *, reconnects: int = 0, timeout: float = WAIT) -> None:
+    """Wait (bounded) until the bus is connected after at least ``reconnects`` reconnects."""
+    async with asyncio.timeout(timeout):
+        await mqtt(bus).wait_connected(reconnects=reconnects)
+
+
+async def wait_disconnected(bus: Bus, timeout: float = WAIT) -> None:
+    """Wait (bounded) until the bus noticed that its connection is gone."""
+    async with asyncio.timeout(timeout):
+        await mqtt(bus).wait_disconnected()
+
+
+@pytest.fixture
+def kit() -> SimpleNamespace:
+    """This module's helpers (tests run with --import-mode=importlib and cannot import it)."""
+    return SimpleNamespace(
+        FAST_RECONNECT=FAST_RECONNECT,
+        WAIT=WAIT,
+        Inbox=Inbox,
+        mqtt=mqtt,
+        wait_connected=wait_connected,
+        wait_disconnected=wait_disconnected,
+        run_cli=run_cli,
+        kill=kill,
+    )
+
+
+@pytest.fixture
+async def buses() -> AsyncIterator[list[Bus]]:
+    """A list to append opened buses to; all are closed after the test (bounded)."""
+    opened: list[Bus] = []
+    yield opened
+    async with asyncio.timeout(WAIT):
+        await asyncio.gather(*(bus.close() for bus in reversed(opened)), return_exceptions=True)
+
+
+@pytest.fixture
+def mosquitto_clients() -> tuple[str, str]:
+    """Paths of ``mosquitto_pub`` and ``mosquitto_sub``; skip when they are not installed."""
+    pub, sub = shutil.which("mosquitto_pub"), shutil.which("mosquitto_sub")
+    if pub is None or sub is None:
+        pytest.skip(
+            "mosquitto_pub/mosquitto_sub not found; install Debian's mosquitto-clients "
+            "(`apt-get install mosquitto-clients`)"
+        )
+    return pub, sub
+
+
+async def run_cli(*argv: str, timeout: float = WAIT) -> bytes:
+    """Run a command to completion (bounded); return its stdout, fail on a non-zero exit."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        kill(proc)
+        await proc.wait()
+        raise AssertionError(f"{argv[0]} did not finish within {timeout}s") from None
+    assert proc.returncode == 0, f"{argv} exited {proc.returncode}: {err.decode()}"
+    return out
+
+
+def kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL a child we started (by its own pid), if it still runs."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()

@@ -1,0 +1,345 @@
+"""Fault tests on a private Mosquitto: broker restarts, outages, cut connections.
+
+Each test starts its own broker on a free port (never the shared 1883). Waits are bounded and
+event-driven: a handler call, a transport state change (`MqttTransport.wait_connected` /
+`wait_disconnected`) or a broker process that finished starting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import aiomqtt
+import pytest
+
+import cascade_bus
+from cascade_bus import ConnectError, PublishError
+from cascade_bus.testing.brokers import free_port
+
+pytestmark = [pytest.mark.fault, pytest.mark.mqtt]
+
+PUBLISHERS = 10
+PER_PUBLISHER = 1_000
+
+
+async def test_10k_qos1_messages_survive_two_broker_restarts(
+    private_mosquitto, unique_topic, kit, buses
+):
+    """10 publishers x 1,000 QoS-1 messages, broker restarted twice: every message arrives.
+
+    The subscriber holds a persistent session (fixed client id, ``clean_start=false``: the
+    adapter asks for an unlimited MQTT 5 session expiry) and the broker keeps it on disk across
+    restarts, so what the broker accepted while the subscriber was away is queued for it.
+    Publishers resend what was never acknowledged. Duplicates are allowed and counted.
+    """
+    broker = private_mosquitto(persistence=True)
+    total = PUBLISHERS * PER_PUBLISHER
+    seen: set[tuple[int, int]] = set()
+    dups_seen = 0
+    all_seen = asyncio.Event()
+
+    def record(env: cascade_bus.Envelope[Any]) -> None:
+        nonlocal dups_seen
+        key = (env.payload["p"], env.payload["s"])
+        if key in seen:
+            dups_seen += 1
+            return
+        seen.add(key)
+        if len(seen) == total:
+            all_seen.set()
+
+    sub = cascade_bus.connect(
+        broker.url,
+        client_id=f"fault-sub-{uuid.uuid4().hex[:12]}",
+        clean_start=False,
+        **kit.FAST_RECONNECT,
+    )
+    buses.append(sub)
+    await sub.open()
+    await sub.subscribe(f"{unique_topic}/#", record, qos=1)
+
+    pubs = [cascade_bus.connect(broker.url, **kit.FAST_RECONNECT) for _ in range(PUBLISHERS)]
+    buses.extend(pubs)
+    for bus in pubs:
+        await bus.open()
+
+    published = 0
+    thresholds = {3_000: asyncio.Event(), 6_500: asyncio.Event()}
+
+    async def publish_all(p: int, bus: cascade_bus.Bus) -> None:
+        nonlocal published
+        for s in range(PER_PUBLISHER):
+            await bus.publish(f"{unique_topic}/{p}", {"p": p, "s": s}, qos=1)
+            published += 1
+            for mark, reached in thresholds.items():
+                if published >= mark:
+                    reached.set()
+
+    started = time.monotonic()
+    async with asyncio.timeout(30):
+        tasks = [asyncio.create_task(publish_all(p, bus)) for p, bus in enumerate(pubs)]
+        restarted_at = []
+        for reached in thresholds.values():
+            await reached.wait()
+            restarted_at.append(published)
+            await broker.arestart()
+        await asyncio.gather(*tasks)
+        publish_time = time.monotonic() - started
+        try:
+            await all_seen.wait()
+        finally:
+            missing = total - len(seen)
+    elapsed = time.monotonic() - started
+
+    sub_stats = sub.stats()
+    pub_stats = [bus.stats() for bus in pubs]
+    report = (
+        f"restarts after {restarted_at} publishes; all published in {publish_time:.2f}s, "
+        f"all received in {elapsed:.2f}s; duplicates seen by the handler: {dups_seen}; "
+        f"subscriber stats: {sub_stats}; publisher reconnects: "
+        f"{[s.reconnects for s in pub_stats]}"
+    )
+    print(report)
+    assert missing == 0, report
+    assert all(r < total for r in restarted_at), report  # both restarts hit a running test
+    assert sub_stats.delivered == total + dups_seen, report
+    assert sub_stats.dropped_total == 0, report
+    assert sub_stats.reconnects >= 1, report
+    assert all(s.reconnects >= 1 and s.published == PER_PUBLISHER for s in pub_stats), report
+    assert all(s.dropped_total == 0 and s.buffered == 0 for s in pub_stats), report
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+async def test_clean_start_false_keeps_the_session(
+    private_mosquitto, unique_topic, kit, buses, version
+):
+    """``clean_start=false`` asks the broker to keep the session after a disconnect.
+
+    With MQTT 5 that takes a non-zero Session Expiry Interval in CONNECT (a session with
+    expiry 0 ends with the connection): the adapter sets it. A bare aiomqtt client that resumes
+    the session, without subscribing, receives what was published while nobody was connected.
+    """
+    broker = private_mosquitto()
+    client_id = f"persist-{uuid.uuid4().hex[:12]}"
+    async with cascade_bus.connect(
+        broker.url, client_id=client_id, clean_start=False, version=version
+    ) as bus:
+        await bus.subscribe(f"{unique_topic}/#", qos=1)
+    pub = await cascade_bus.connect(broker.url)
+    buses.append(pub)
+    await pub.publish(f"{unique_topic}/away", {"while": "away"}, qos=1)
+
+    v5 = version == "5"
+    async with (
+        asyncio.timeout(kit.WAIT),
+        aiomqtt.Client(
+            "127.0.0.1",
+            broker.port,
+            identifier=client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=None if v5 else False,
+            clean_start=False,
+        ) as bare,
+    ):
+        message = await anext(aiter(bare.messages))
+    assert message.topic.value == f"{unique_topic}/away"
+    assert b'"while":"away"' in bytes(message.payload)  # type: ignore[arg-type]
+
+
+async def test_subscriptions_survive_a_broker_restart(private_mosquitto, unique_topic, kit, buses):
+    """A clean-session subscriber resubscribes every filter after the broker restarted."""
+    broker = private_mosquitto()
+    sub = await cascade_bus.connect(broker.url, **kit.FAST_RECONNECT)
+    buses.append(sub)
+    exact, wild, deep, shared = kit.Inbox(), kit.Inbox(), kit.Inbox(), kit.Inbox()
+    await sub.subscribe(f"{unique_topic}/exact", exact, qos=1)
+    await sub.subscribe(f"{unique_topic}/+/wild", wild, qos=1)
+    await sub.subscribe(f"{unique_topic}/deep/#", deep)
+    await sub.subscribe(f"{unique_topic}/shared", shared, queue="workers", qos=1)
+
+    await broker.arestart()
+    await kit.wait_connected(sub, reconnects=1)
+
+    pub = await cascade_bus.connect(broker.url)
+    buses.append(pub)
+    await pub.publish(f"{unique_topic}/exact", {"n": 1}, qos=1)
+    await pub.publish(f"{unique_topic}/x/wild", {"n": 2}, qos=1)
+    await pub.publish(f"{unique_topic}/deep/a/b", {"n": 3}, qos=1)
+    await pub.publish(f"{unique_topic}/shared", {"n": 4}, qos=1)
+    assert await exact.wait_for(1) == [{"n": 1}]
+    assert await wild.wait_for(1) == [{"n": 2}]
+    assert await deep.wait_for(1) == [{"n": 3}]
+    assert await shared.wait_for(1) == [{"n": 4}]
+    assert sub.stats().reconnects >= 1
+
+
+async def test_retained_messages_replay_after_reconnect(
+    private_mosquitto, unique_topic, kit, buses
+):
+    """Resubscribing after a reconnect replays retained messages (kept by a persistent broker)."""
+    broker = private_mosquitto(persistence=True)
+    topic = f"{unique_topic}/state"
+    bus = await cascade_bus.connect(broker.url, **kit.FAST_RECONNECT)
+    buses.append(bus)
+    await bus.publish(topic, {"state": "on"}, qos=1, retain=True)
+    seen = kit.Inbox()
+    await bus.subscribe(topic, seen)
+    assert seen.payloads == [{"state": "on"}]  # retained: handed over before subscribe returned
+
+    await broker.arestart()
+    await kit.wait_connected(bus, reconnects=1)
+    assert await seen.wait_for(2) == [{"state": "on"}, {"state": "on"}]
+    await bus.publish(topic, b"", qos=1, retain=True)  # clear it
+
+
+async def test_qos0_losses_during_an_outage_are_counted(
+    private_mosquitto, unique_topic, kit, buses
+):
+    """Down, QoS 0 publishes fill the offline buffer; what does not fit is dropped and counted."""
+    broker = private_mosquitto()
+    bus = await cascade_bus.connect(broker.url, offline_buffer=10, **kit.FAST_RECONNECT)
+    buses.append(bus)
+    got = kit.Inbox()
+    await bus.subscribe(f"{unique_topic}/#", got)  # resubscribed before the buffer is resent
+
+    await broker.astop()
+    await kit.wait_disconnected(bus)
+    async with asyncio.timeout(kit.WAIT):
+        for seq in range(50):
+            await bus.publish(f"{unique_topic}/q0", {"seq": seq})
+    stats = bus.stats()
+    assert stats.dropped == {"offline_overflow": 40}
+    assert stats.buffered == 10
+    assert stats.published == 50  # accepted by the bus; the drops are counted separately
+
+    await broker.astart()
+    await kit.wait_connected(bus, reconnects=1)
+    await bus.publish(f"{unique_topic}/q0", {"seq": "end"})  # same connection, same order
+    received = await got.wait_for(11)
+    assert received == [{"seq": seq} for seq in range(10)] + [{"seq": "end"}]
+    assert bus.stats().buffered == 0
+    assert bus.stats().dropped == {"offline_overflow": 40}
+
+
+async def test_qos1_publish_while_down_is_buffered_then_delivered(
+    private_mosquitto, unique_topic, kit, buses
+):
+    """Down, a QoS-1 publish returns once buffered; a full buffer raises PublishError at once."""
+    broker = private_mosquitto()
+    bus = await cascade_bus.connect(broker.url, offline_buffer=3, **kit.FAST_RECONNECT)
+    buses.append(bus)
+    got = kit.Inbox()
+    await bus.subscribe(f"{unique_topic}/#", got, qos=1)
+
+    await broker.astop()
+    await kit.wait_disconnected(bus)
+    async with asyncio.timeout(2.0):  # buffered: no waiting for a PUBACK that cannot come
+        for seq in range(3):
+            await bus.publish(f"{unique_topic}/q1", {"seq": seq}, qos=1)
+    assert bus.stats().buffered == 3
+    async with asyncio.timeout(2.0):
+        with pytest.raises(PublishError, match="offline buffer full") as raised:
+            await bus.publish(f"{unique_topic}/q1", {"seq": 3}, qos=1)
+    assert raised.value.topic == f"{unique_topic}/q1"
+    assert bus.stats().dropped == {"publish_failed": 1}
+
+    await broker.astart()
+    await kit.wait_connected(bus, reconnects=1)
+    assert await got.wait_for(3) == [{"seq": 0}, {"seq": 1}, {"seq": 2}]
+    async with asyncio.timeout(kit.WAIT):
+        await bus.flush()
+    assert bus.stats().buffered == 0
+
+
+async def test_cut_connection_is_noticed_and_recovered(
+    private_mosquitto, tcp_proxy, unique_topic, kit, buses
+):
+    """A connection reset through the TCP proxy is noticed, counted and recovered."""
+    broker = private_mosquitto()
+    proxy = await tcp_proxy(broker.url)
+    sub = await cascade_bus.connect(proxy.url_for("mqtt"), **kit.FAST_RECONNECT)
+    buses.append(sub)
+    got = kit.Inbox()
+    await sub.subscribe(f"{unique_topic}/#", got, qos=1)
+    pub = await cascade_bus.connect(broker.url)
+    buses.append(pub)
+
+    # A cut while new connections are refused: noticed, and the subscriber stays down.
+    proxy.pause()
+    assert await proxy.cut() == 1
+    await kit.wait_disconnected(sub)
+    assert sub.stats().reconnects == 0
+    proxy.resume()
+    await kit.wait_connected(sub, reconnects=1)
+    await pub.publish(f"{unique_topic}/a", {"n": 1}, qos=1)
+    assert await got.wait_for(1) == [{"n": 1}]
+
+    # A plain cut: the subscriber reconnects at once, and gets what is published after it.
+    assert await proxy.cut() == 1
+    await kit.wait_connected(sub, reconnects=2)
+    await pub.publish(f"{unique_topic}/b", {"n": 2}, qos=1)
+    assert await got.wait_for(2) == [{"n": 1}, {"n": 2}]
+    assert sub.stats().reconnects == 2
+    assert proxy.accepted == 3
+
+
+async def test_publisher_behind_a_cut_resends_unacknowledged(
+    private_mosquitto, tcp_proxy, unique_topic, kit, buses
+):
+    """QoS-1 messages in flight when the publisher's connection is cut are resent: none lost."""
+    broker = private_mosquitto()
+    proxy = await tcp_proxy(broker.url)
+    sub = await cascade_bus.connect(broker.url)
+    buses.append(sub)
+    seen: set[int] = set()
+    some, all_seen = asyncio.Event(), asyncio.Event()
+
+    def record(env: cascade_bus.Envelope[Any]) -> None:
+        seen.add(env.payload["seq"])
+        if len(seen) >= 50:
+            some.set()
+        if len(seen) == 1_000:
+            all_seen.set()
+
+    await sub.subscribe(f"{unique_topic}/#", record, qos=1)
+    pub = await cascade_bus.connect(proxy.url_for("mqtt"), **kit.FAST_RECONNECT)
+    buses.append(pub)
+
+    async with asyncio.timeout(kit.WAIT):
+        # 1,000 concurrent QoS-1 publishes: most wait for a PUBACK (or in paho's queue) when
+        # the connection is cut.
+        tasks = [
+            asyncio.create_task(pub.publish(f"{unique_topic}/n", {"seq": seq}, qos=1))
+            for seq in range(1_000)
+        ]
+        await some.wait()
+        waiting_at_cut = sum(not task.done() for task in tasks)
+        assert await proxy.cut() == 1
+        await asyncio.gather(*tasks)
+        await all_seen.wait()
+    assert waiting_at_cut > 0
+    assert seen == set(range(1_000))
+    assert pub.stats().reconnects == 1
+    assert pub.stats().published == 1_000
+
+
+async def test_connect_to_a_closed_port_fails_fast(caplog, capfd):
+    """Nothing listening: ConnectError quickly, naming host:port, with nothing logged or printed."""
+    port = free_port()
+    bus = cascade_bus.connect(f"mqtt://127.0.0.1:{port}")
+    caplog.set_level(logging.DEBUG)
+    started = time.monotonic()
+    async with asyncio.timeout(5.0):
+        with pytest.raises(ConnectError) as raised:
+            await bus.open()
+    assert time.monotonic() - started < 2.0
+    assert f"127.0.0.1:{port}" in str(raised.value)
+    assert not bus.is_open
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert err == ""
