@@ -22,9 +22,10 @@ from ._errors import (
     UnknownScheme,
     UnsupportedFeature,
 )
+from ._middleware import Middleware, Next
 from ._registry import available_transports, get_transport, register_transport, unregister_transport
 from ._stats import DropReason, Stats
-from ._subscription import Handler, SubscribeCall, Subscription
+from ._subscription import Handler, Overflow, SubscribeCall, Subscription, SubscriptionPolicy
 from ._topics import topic_matches, validate_pattern, validate_topic
 from ._transport import Message, MessageSink, Transport, TransportSubscription
 from ._url import BusURL
@@ -52,6 +53,9 @@ __all__ = [
     "InvalidURL",
     "Message",
     "MessageSink",
+    "Middleware",
+    "Next",
+    "Overflow",
     "PayloadTooLarge",
     "PublishError",
     "RequestTimeout",
@@ -59,6 +63,7 @@ __all__ = [
     "SubscribeCall",
     "SubscribeError",
     "Subscription",
+    "SubscriptionPolicy",
     "Transport",
     "TransportError",
     "TransportSubscription",

@@ -7,12 +7,12 @@ import enum
 import logging
 import os
 import socket
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
 
 from ._codec import Codec, WireFormat, check_format, decoder_for
-from ._envelope import Envelope, new_id
+from ._envelope import DEFAULT_TYPE, Envelope, new_id
 from ._errors import (
     BusClosed,
     BusError,
@@ -25,9 +25,10 @@ from ._errors import (
     SubscribeError,
     UnsupportedFeature,
 )
+from ._middleware import Middleware, compose, steps
 from ._registry import get_transport
 from ._stats import DropReason, Stats
-from ._subscription import Handler, SubscribeCall, Subscription
+from ._subscription import Handler, Overflow, SubscribeCall, Subscription, SubscriptionPolicy
 from ._topics import has_wildcards, validate_pattern, validate_topic
 from ._transport import Transport
 from ._url import BusURL, parse_float, parse_int
@@ -81,6 +82,8 @@ class Bus:
         transport: A ready-made `Transport` instance instead of a URL.
         on_error: Called with every error the bus absorbs instead of raising (a failing
             handler, an undecodable message); the default logs it.
+        middleware: `Middleware` instances wrapping every publish and every handler call of
+            this bus, first = outermost (OpenTelemetry, metrics, auditing).
         **options: Bus options (below) and transport options (see each transport's docs).
 
     The bus options (in the URL query or as keywords) are:
@@ -104,8 +107,14 @@ class Bus:
         *,
         transport: Transport | None = None,
         on_error: ErrorHook | None = None,
+        middleware: Sequence[Middleware] = (),
         **options: Any,
     ) -> None:
+        for item in middleware:
+            if not isinstance(item, Middleware):
+                raise TypeError(f"middleware must be Middleware instances, got {item!r}")
+        self._publish_steps = steps(middleware, "publish")
+        self._handle_steps = steps(middleware, "handle")
         if transport is None:
             if url is None:
                 raise InvalidURL("Bus needs a url or a transport")
@@ -349,7 +358,34 @@ class Bus:
             self._check_qos(qos)
         if retain and not self.capabilities.retain:
             raise UnsupportedFeature(self._scheme, "retained messages")
+        if self._publish_steps:
+            env = self._codec.envelope(
+                topic, payload, headers=headers, correlation_id=correlation_id,
+                reply_to=reply_to, type=type,
+            )  # fmt: skip
+
+            async def send(final: Envelope[Any]) -> None:
+                validate_topic(final.topic)
+                custom_type = None if final.type == DEFAULT_TYPE else final.type
+                data, native = self._encode(
+                    final.topic, final.payload, final.headers, custom_type,
+                    final.correlation_id, final.reply_to, final,
+                )  # fmt: skip
+                await self._send(final.topic, data, native, qos, retain)
+
+            await compose(send, self._publish_steps)(env)
+            return
         data, native = self._encode(topic, payload, headers, type, correlation_id, reply_to)
+        await self._send(topic, data, native, qos, retain)
+
+    async def _send(
+        self,
+        topic: str,
+        data: bytes,
+        native: Mapping[str, str] | None,
+        qos: int,
+        retain: bool,
+    ) -> None:
         limit = self.transport.max_payload
         if limit is not None and len(data) > limit:
             self._stats.drop(DropReason.PAYLOAD_TOO_LARGE)
@@ -382,35 +418,28 @@ class Bus:
         type: str | None,
         correlation_id: str | None,
         reply_to: str | None,
+        env: Envelope[Any] | None = None,
     ) -> tuple[bytes, Mapping[str, str] | None]:
+        """Encode one message in the bus's format; ``env`` reuses an envelope already built."""
         if isinstance(payload, bytes) and not payload:
             return b"", None  # an empty body: clears a retained topic everywhere
         codec = self._codec
         if self._format == "raw":
             if self._raw_headers:
-                env = codec.envelope(
-                    topic,
-                    None,
-                    headers=headers,
-                    correlation_id=correlation_id,
-                    reply_to=reply_to,
-                    type=type,
-                )
-                native = codec.binary_headers(env)
-                if isinstance(payload, bytes):
-                    native["content-type"] = "application/octet-stream"
-                return codec.encode_payload(payload), native
+                if env is None:
+                    env = codec.envelope(
+                        topic, payload, headers=headers, correlation_id=correlation_id,
+                        reply_to=reply_to, type=type,
+                    )  # fmt: skip
+                return codec.encode_payload(payload), codec.binary_headers(env)
             if not (headers or correlation_id or reply_to or type):
                 return codec.encode_payload(payload), None
             # Metadata needs somewhere to live: without native headers, send the envelope.
-        env = codec.envelope(
-            topic,
-            payload,
-            headers=headers,
-            correlation_id=correlation_id,
-            reply_to=reply_to,
-            type=type,
-        )
+        if env is None:
+            env = codec.envelope(
+                topic, payload, headers=headers, correlation_id=correlation_id,
+                reply_to=reply_to, type=type,
+            )  # fmt: skip
         return codec.encode_envelope(env, "msgpack" if self._format == "msgpack" else "json"), None
 
     async def flush(self, timeout: float = 10.0) -> None:
@@ -437,6 +466,13 @@ class Bus:
         queue: str | None = None,
         qos: int = 0,
         type: None = None,
+        buffer_size: int | None = None,
+        overflow: Overflow = "block",
+        max_concurrency: int = 1,
+        retries: int = 0,
+        retry_delay: float = 0.1,
+        dead_letter: str | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> SubscribeCall[Any]: ...
 
     @overload
@@ -448,6 +484,13 @@ class Bus:
         queue: str | None = None,
         qos: int = 0,
         type: type[T],
+        buffer_size: int | None = None,
+        overflow: Overflow = "block",
+        max_concurrency: int = 1,
+        retries: int = 0,
+        retry_delay: float = 0.1,
+        dead_letter: str | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> SubscribeCall[T]: ...
 
     def subscribe(
@@ -458,6 +501,13 @@ class Bus:
         queue: str | None = None,
         qos: int = 0,
         type: Any = None,
+        buffer_size: int | None = None,
+        overflow: Overflow = "block",
+        max_concurrency: int = 1,
+        retries: int = 0,
+        retry_delay: float = 0.1,
+        dead_letter: str | None = None,
+        middleware: Sequence[Middleware] = (),
     ) -> SubscribeCall[Any]:
         """Subscribe to a pattern; await the result, or use it as ``async with``.
 
@@ -474,9 +524,19 @@ class Bus:
             qos: The QoS to subscribe with.
             type: Decode payloads into this type (msgspec); mismatches go to the error hook
                 as `DecodeError` and are counted.
+            buffer_size: Queue length of this subscription (default: the bus's).
+            overflow: ``block`` (flow control), ``drop_oldest`` or ``drop_newest`` (counted).
+            max_concurrency: Handler calls that may run at once (1 keeps FIFO order).
+            retries: Extra attempts when the handler raises, ``retry_delay`` apart (doubling).
+            retry_delay: Seconds before the first retry.
+            dead_letter: Topic that receives a message whose every attempt failed, with
+                ``x-death-*`` headers saying why.
+            middleware: `Middleware` around this subscription's handler calls (inside the
+                bus's own middleware).
 
         Raises:
-            InvalidTopic: the pattern is invalid.
+            InvalidTopic: the pattern (or the dead-letter topic) is invalid.
+            ValueError: a bad policy value (overflow, max_concurrency, retries...).
             UnsupportedFeature: queue groups, wildcards or the QoS are not supported.
             SubscribeError: the broker refused the subscription.
             BusClosed: the bus is not open.
@@ -494,10 +554,31 @@ class Bus:
             raise UnsupportedFeature(self._scheme, "wildcard subscriptions")
         if handler is not None and not callable(handler):
             raise TypeError(f"handler must be callable, got {handler!r}")
+        if dead_letter is not None:
+            validate_topic(dead_letter)
+        if handler is None and (max_concurrency != 1 or retries or dead_letter or middleware):
+            raise ValueError(
+                "max_concurrency, retries, dead_letter and middleware need a handler "
+                "(an iterating consumer handles its own messages)"
+            )
+        policy = SubscriptionPolicy(
+            buffer_size=self._buffer_size if buffer_size is None else buffer_size,
+            overflow=overflow,
+            max_concurrency=max_concurrency,
+            retries=retries,
+            retry_delay=retry_delay,
+            dead_letter=dead_letter,
+        )
+        for item in middleware:
+            if not isinstance(item, Middleware):
+                raise TypeError(f"middleware must be Middleware instances, got {item!r}")
+        chain = self._handle_steps + steps(middleware, "handle")
         decoder = decoder_for(Any if type is None else type)
 
         async def start() -> Subscription[Any]:
-            return await self._start_subscription(pattern, handler, queue, qos, decoder)
+            return await self._start_subscription(
+                pattern, handler, queue, qos, decoder, policy, chain
+            )
 
         return SubscribeCall(start)
 
@@ -508,6 +589,8 @@ class Bus:
         queue: str | None,
         qos: int,
         decoder: Any,
+        policy: SubscriptionPolicy,
+        chain: tuple[Any, ...],
     ) -> Subscription[Any]:
         self._check_open()
         sub: Subscription[Any] = Subscription(
@@ -517,8 +600,9 @@ class Bus:
             queue=queue,
             qos=qos,
             decoder=decoder,
-            buffer_size=self._buffer_size,
+            policy=policy,
             exact_filter=self._exact_filter,
+            middleware=chain,
         )
         self._subs.add(sub)
         if handler is not None:
@@ -545,6 +629,28 @@ class Bus:
             ) from exc
         await sub._caught_up(self._retained_timeout)
         return sub
+
+    async def _dead_letter(
+        self, topic: str, env: Envelope[Any], error: Exception, attempts: int
+    ) -> None:
+        """Publish a message whose handler kept failing to its dead-letter topic."""
+        headers = dict(env.headers)
+        headers.update(
+            {
+                "x-death-topic": env.topic,
+                "x-death-id": env.id,
+                "x-death-error-type": type(error).__name__,
+                "x-death-error": str(error)[:1000],
+                "x-death-attempts": str(attempts),
+            }
+        )
+        await self.publish(
+            topic,
+            env.payload,
+            headers=headers,
+            type=None if env.type == DEFAULT_TYPE else env.type or None,
+            correlation_id=env.correlation_id,
+        )
 
     def _forget(self, sub: Subscription[Any]) -> None:
         self._subs.discard(sub)

@@ -34,6 +34,7 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
         reconnects: Times the transport reconnected after losing the broker.
         buffered: Messages waiting in buffers right now (offline buffer + subscription queues).
         duplicates: Messages seen again (at-least-once redeliveries the transport noticed).
+        dead_lettered: Messages whose handler kept failing, moved to their dead-letter topic.
     """
 
     published: int = 0
@@ -42,6 +43,7 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
     reconnects: int = 0
     buffered: int = 0
     duplicates: int = 0
+    dead_lettered: int = 0
 
     @property
     def dropped_total(self) -> int:
@@ -52,13 +54,14 @@ class Stats(msgspec.Struct, frozen=True, kw_only=True):
 class StatsRecorder:
     """The mutable counters behind `Stats`; shared by a bus and its transport."""
 
-    __slots__ = ("delivered", "dropped", "duplicates", "published", "reconnects")
+    __slots__ = ("dead_lettered", "delivered", "dropped", "duplicates", "published", "reconnects")
 
     def __init__(self) -> None:
         self.published = 0
         self.delivered = 0
         self.reconnects = 0
         self.duplicates = 0
+        self.dead_lettered = 0
         self.dropped: Counter[str] = Counter()
 
     def drop(self, reason: str, count: int = 1) -> None:
@@ -74,4 +77,5 @@ class StatsRecorder:
             reconnects=self.reconnects,
             buffered=buffered,
             duplicates=self.duplicates,
+            dead_lettered=self.dead_lettered,
         )

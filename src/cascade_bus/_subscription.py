@@ -13,10 +13,11 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, cast
 
 from ._envelope import Envelope
 from ._errors import BusClosed, DecodeError
+from ._middleware import Next, Step, compose
 from ._stats import DropReason
 from ._topics import topic_matches
 from ._transport import Message, TransportSubscription
@@ -25,11 +26,65 @@ if TYPE_CHECKING:
     from ._bus import Bus
     from ._codec import EnvelopeDecoder
 
-__all__ = ["Handler", "SubscribeCall", "Subscription"]
+__all__ = ["Handler", "Overflow", "SubscribeCall", "Subscription", "SubscriptionPolicy"]
 
 T = TypeVar("T")
-#: A message handler: called with each envelope; may be a coroutine function or a plain one.
 Handler = Callable[[Envelope[T]], Awaitable[None] | None]
+"""A message handler: called with each envelope; a coroutine function or a plain one."""
+Overflow: TypeAlias = Literal["block", "drop_oldest", "drop_newest"]
+"""What a full subscription queue does with the next message (see `SubscriptionPolicy`)."""
+OVERFLOW_POLICIES: tuple[Overflow, ...] = ("block", "drop_oldest", "drop_newest")
+
+
+class SubscriptionPolicy:
+    """How one subscription queues, runs and retries its messages.
+
+    Args:
+        buffer_size: Messages the subscription queues before its overflow policy applies.
+        overflow: ``block`` (default) holds the transport back (flow control: the memory
+            broker's publisher waits, network transports stop reading, so the broker slows);
+            ``drop_oldest`` / ``drop_newest`` never hold anyone back and count each message
+            they discard in ``stats().dropped['overflow']``.
+        max_concurrency: Handler calls that may run at once (default 1, which keeps FIFO
+            order; more trades order for throughput).
+        retries: Extra attempts after a handler raised (default 0).
+        retry_delay: Seconds before the first retry, doubling for each further one.
+        dead_letter: A topic that receives the message (headers ``x-death-*`` say why) once
+            every attempt failed; without one, the failure is counted as ``handler_error``.
+    """
+
+    __slots__ = (
+        "buffer_size",
+        "dead_letter",
+        "max_concurrency",
+        "overflow",
+        "retries",
+        "retry_delay",
+    )
+
+    def __init__(
+        self,
+        *,
+        buffer_size: int = 10_000,
+        overflow: Overflow = "block",
+        max_concurrency: int = 1,
+        retries: int = 0,
+        retry_delay: float = 0.1,
+        dead_letter: str | None = None,
+    ) -> None:
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow={overflow!r}: use one of {', '.join(OVERFLOW_POLICIES)}")
+        if buffer_size < 1 or max_concurrency < 1 or retries < 0 or retry_delay < 0:
+            raise ValueError(
+                "buffer_size and max_concurrency must be >= 1, retries and retry_delay >= 0"
+            )
+        self.buffer_size = buffer_size
+        self.overflow = overflow
+        self.max_concurrency = max_concurrency
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.dead_letter = dead_letter
+
 
 log = logging.getLogger("cascade_bus")
 
@@ -56,8 +111,9 @@ class Subscription(Generic[T]):
         queue: str | None,
         qos: int,
         decoder: EnvelopeDecoder,
-        buffer_size: int,
+        policy: SubscriptionPolicy,
         exact_filter: bool,
+        middleware: tuple[Step, ...] = (),
     ) -> None:
         self.pattern = pattern
         self.queue = queue
@@ -70,9 +126,20 @@ class Subscription(Generic[T]):
             or inspect.iscoroutinefunction(getattr(handler, "__call__", None))  # noqa: B004
         )
         self._decode = decoder.decode
+        self._policy = policy
         self._buf: deque[Message] = deque()
-        self._limit = max(1, buffer_size)
+        self._limit = policy.buffer_size
         self._low = self._limit // 2
+        self._overflow = policy.overflow
+        self._invoke: Next | None = None
+        if handler is not None:
+            # An async handler is the end of the chain itself (no wrapper on the hot path).
+            final = cast(Next, handler) if self._is_async else self._call_handler
+            self._invoke = compose(final, middleware)
+        self._sem = (
+            asyncio.Semaphore(policy.max_concurrency) if policy.max_concurrency > 1 else None
+        )
+        self._running: set[asyncio.Task[None]] = set()
         self._filter = pattern if exact_filter else None
         self._waiter: asyncio.Future[None] | None = None
         self._room: asyncio.Event | None = None
@@ -112,15 +179,11 @@ class Subscription(Generic[T]):
         buf = self._buf
         if len(buf) >= self._limit:
             self._stats.drop(DropReason.OVERFLOW)
-            if self._bus._report_overflow:
-                self._bus._report_overflow = False
-                log.warning(
-                    "subscription %r is full (%d messages); dropping new messages (counted in "
-                    "stats().dropped['overflow'])",
-                    self.pattern,
-                    self._limit,
-                )
-            return False
+            self._warn_overflow()
+            if self._overflow != "drop_oldest":
+                return self._overflow == "drop_newest"
+            buf.popleft()
+            self._processed += 1  # the discarded one will never be handled
         buf.append(message)
         self._received += 1
         waiter = self._waiter
@@ -128,7 +191,18 @@ class Subscription(Generic[T]):
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
-        return len(buf) < self._limit
+        return len(buf) < self._limit or self._overflow != "block"
+
+    def _warn_overflow(self) -> None:
+        if self._bus._report_overflow:
+            self._bus._report_overflow = False
+            log.warning(
+                "subscription %r is full (%d messages, overflow=%s); dropped messages are "
+                "counted in stats().dropped['overflow']",
+                self.pattern,
+                self._limit,
+                self._overflow,
+            )
 
     async def ready(self) -> None:
         """Wait (bounded by the bus's ``flow_timeout``) until the queue is half empty."""
@@ -157,15 +231,22 @@ class Subscription(Generic[T]):
 
     # -- handler mode ------------------------------------------------------------------------
 
+    async def _call_handler(self, env: Envelope[Any]) -> None:
+        """Adapt a plain (or awaitable-returning) handler to the async chain."""
+        assert self._handler is not None
+        result = self._handler(env)
+        if result is not None and inspect.isawaitable(result):
+            await result
+
     async def _run(self) -> None:
-        """Worker task: hand queued messages to the handler, one at a time, in order."""
+        """Worker task: hand queued messages to the handler in order (FIFO)."""
         buf = self._buf
-        handler = self._handler
-        assert handler is not None
+        invoke = self._invoke
+        assert invoke is not None
         decode = self._decode
         stats = self._stats
-        is_async = self._is_async
         report = self._bus._report
+        sem = self._sem
         loop = asyncio.get_running_loop()
         while True:
             if not buf:
@@ -182,27 +263,73 @@ class Subscription(Generic[T]):
             except Exception as exc:  # a bad message must never stop the subscription
                 stats.drop(DropReason.DECODE_ERROR)
                 report(_as_decode_error(exc, message.topic), message.topic, None)
+                await self._finish(message)
+                continue
+            if sem is not None:
+                await sem.acquire()
+                task = loop.create_task(self._handle_concurrently(message, env, sem))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+                continue
+            try:
+                await invoke(env)
+            except Exception as exc:  # a handler's failure must not stop the subscription
+                await self._failed(env, exc)
             else:
-                try:
-                    if is_async:
-                        await handler(env)  # type: ignore[misc]
-                    else:
-                        result = handler(env)
-                        if result is not None and inspect.isawaitable(result):
-                            await result
-                except Exception as exc:  # a handler's failure must not stop the subscription
-                    stats.drop(DropReason.HANDLER_ERROR)
-                    report(exc, message.topic, env)
-                else:
-                    stats.delivered += 1
-            if message.ack is not None:
-                await self._ack(message)
-            self._processed += 1
-            progress = self._progress
-            if progress is not None and self._processed >= progress[0]:
-                self._progress = None
-                if not progress[1].done():
-                    progress[1].set_result(None)
+                stats.delivered += 1
+            await self._finish(message)
+
+    async def _handle_concurrently(
+        self, message: Message, env: Envelope[Any], sem: asyncio.Semaphore
+    ) -> None:
+        assert self._invoke is not None
+        try:
+            await self._invoke(env)
+        except Exception as exc:
+            await self._failed(env, exc)
+        else:
+            self._stats.delivered += 1
+        finally:
+            sem.release()
+        await self._finish(message)
+
+    async def _finish(self, message: Message) -> None:
+        """Ack (at-least-once transports) and record progress for retained catch-up."""
+        if message.ack is not None:
+            await self._ack(message)
+        self._processed += 1
+        progress = self._progress
+        if progress is not None and self._processed >= progress[0]:
+            self._progress = None
+            if not progress[1].done():
+                progress[1].set_result(None)
+
+    async def _failed(self, env: Envelope[Any], error: Exception) -> None:
+        """A handler raised: retry with backoff, then dead-letter or count the failure."""
+        policy = self._policy
+        attempts = 1
+        assert self._invoke is not None
+        while attempts <= policy.retries and not self._closed:
+            await asyncio.sleep(policy.retry_delay * 2 ** (attempts - 1))
+            attempts += 1
+            try:
+                await self._invoke(env)
+            except Exception as exc:
+                error = exc
+            else:
+                self._stats.delivered += 1
+                return
+        if policy.dead_letter is not None:
+            try:
+                await self._bus._dead_letter(policy.dead_letter, env, error, attempts)
+            except Exception as exc:
+                self._bus._report(exc, env.topic, env)
+            else:
+                self._stats.dead_lettered += 1
+                self._bus._report(error, env.topic, env)
+                return
+        self._stats.drop(DropReason.HANDLER_ERROR)
+        self._bus._report(error, env.topic, env)
 
     async def _ack(self, message: Message) -> None:
         assert message.ack is not None
@@ -314,6 +441,13 @@ class Subscription(Generic[T]):
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if self._running:
+            running = list(self._running)
+            if drain > 0:
+                await asyncio.wait(running, timeout=drain)
+            for job in running:
+                job.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
         if self._buf:
             self._stats.drop(reason, len(self._buf))
             self._buf.clear()

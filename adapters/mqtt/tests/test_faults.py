@@ -14,7 +14,9 @@ import uuid
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho_mqtt
 import pytest
+from cascade_bus_mqtt import RESERVED_PREFIX
 
 import cascade_bus
 from cascade_bus import ConnectError, PublishError
@@ -40,7 +42,9 @@ async def test_10k_qos1_messages_survive_two_broker_restarts(
     total = PUBLISHERS * PER_PUBLISHER
     seen: set[tuple[int, int]] = set()
     dups_seen = 0
-    all_seen = asyncio.Event()
+    # The broker restarts when the subscriber has this many distinct messages: both restarts
+    # interrupt a running flow (publishers, broker queues and deliveries all busy).
+    restart_marks = {2_500: asyncio.Event(), 6_000: asyncio.Event(), total: asyncio.Event()}
 
     def record(env: cascade_bus.Envelope[Any]) -> None:
         nonlocal dups_seen
@@ -49,8 +53,9 @@ async def test_10k_qos1_messages_survive_two_broker_restarts(
             dups_seen += 1
             return
         seen.add(key)
-        if len(seen) == total:
-            all_seen.set()
+        reached = restart_marks.get(len(seen))
+        if reached is not None:
+            reached.set()
 
     sub = cascade_bus.connect(
         broker.url,
@@ -66,46 +71,41 @@ async def test_10k_qos1_messages_survive_two_broker_restarts(
     buses.extend(pubs)
     for bus in pubs:
         await bus.open()
-
     published = 0
-    thresholds = {3_000: asyncio.Event(), 6_500: asyncio.Event()}
 
     async def publish_all(p: int, bus: cascade_bus.Bus) -> None:
         nonlocal published
         for s in range(PER_PUBLISHER):
             await bus.publish(f"{unique_topic}/{p}", {"p": p, "s": s}, qos=1)
             published += 1
-            for mark, reached in thresholds.items():
-                if published >= mark:
-                    reached.set()
 
     started = time.monotonic()
-    async with asyncio.timeout(30):
-        tasks = [asyncio.create_task(publish_all(p, bus)) for p, bus in enumerate(pubs)]
-        restarted_at = []
-        for reached in thresholds.values():
-            await reached.wait()
-            restarted_at.append(published)
-            await broker.arestart()
-        await asyncio.gather(*tasks)
-        publish_time = time.monotonic() - started
-        try:
-            await all_seen.wait()
-        finally:
-            missing = total - len(seen)
-    elapsed = time.monotonic() - started
-
-    sub_stats = sub.stats()
-    pub_stats = [bus.stats() for bus in pubs]
-    report = (
-        f"restarts after {restarted_at} publishes; all published in {publish_time:.2f}s, "
-        f"all received in {elapsed:.2f}s; duplicates seen by the handler: {dups_seen}; "
-        f"subscriber stats: {sub_stats}; publisher reconnects: "
-        f"{[s.reconnects for s in pub_stats]}"
-    )
-    print(report)
-    assert missing == 0, report
-    assert all(r < total for r in restarted_at), report  # both restarts hit a running test
+    restarts: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            tasks = [asyncio.create_task(publish_all(p, bus)) for p, bus in enumerate(pubs)]
+            for mark in (2_500, 6_000):
+                await restart_marks[mark].wait()
+                restarts.append(f"{len(seen)} received/{published} published")
+                await broker.arestart()
+            await asyncio.gather(*tasks)
+            await restart_marks[total].wait()
+            elapsed = time.monotonic() - started
+            # The subscriber is still resubscribing behind its queue flood when the last
+            # message lands; its reconnect completes right after.
+            await sub.transport.wait_connected(reconnects=1)  # type: ignore[attr-defined]
+    finally:
+        sub_stats = sub.stats()
+        pub_stats = [bus.stats() for bus in pubs]
+        report = (
+            f"restarts at {restarts}; {len(seen)}/{total} distinct received in "
+            f"{time.monotonic() - started:.2f}s; duplicates seen by the handler: {dups_seen}; "
+            f"subscriber {sub_stats}; publisher reconnects {[s.reconnects for s in pub_stats]}"
+        )
+        print(report)
+    assert len(seen) == total, report
+    assert len(restarts) == 2, report
+    assert elapsed < 25, report
     assert sub_stats.delivered == total + dups_seen, report
     assert sub_stats.dropped_total == 0, report
     assert sub_stats.reconnects >= 1, report
@@ -115,20 +115,26 @@ async def test_10k_qos1_messages_survive_two_broker_restarts(
 
 @pytest.mark.parametrize("version", ["5", "3.1.1"])
 async def test_clean_start_false_keeps_the_session(
-    private_mosquitto, unique_topic, kit, buses, version
+    private_mosquitto, tcp_proxy, unique_topic, kit, buses, version
 ):
-    """``clean_start=false`` asks the broker to keep the session after a disconnect.
+    """``clean_start=false`` makes the broker keep the session when the connection dies.
 
     With MQTT 5 that takes a non-zero Session Expiry Interval in CONNECT (a session with
-    expiry 0 ends with the connection): the adapter sets it. A bare aiomqtt client that resumes
-    the session, without subscribing, receives what was published while nobody was connected.
+    expiry 0 ends with the connection): the adapter sets it. The bus loses its connection (cut,
+    no reconnect possible); a bare aiomqtt client resuming the session under the same client id
+    receives, without subscribing, what was published in between.
     """
     broker = private_mosquitto()
+    proxy = await tcp_proxy(broker.url)
     client_id = f"persist-{uuid.uuid4().hex[:12]}"
-    async with cascade_bus.connect(
-        broker.url, client_id=client_id, clean_start=False, version=version
-    ) as bus:
-        await bus.subscribe(f"{unique_topic}/#", qos=1)
+    bus = await cascade_bus.connect(
+        proxy.url_for("mqtt"), client_id=client_id, clean_start=False, version=version
+    )
+    buses.append(bus)
+    await bus.subscribe(f"{unique_topic}/#", qos=1)
+    proxy.pause()
+    await proxy.cut()
+    await kit.wait_disconnected(bus)
     pub = await cascade_bus.connect(broker.url)
     buses.append(pub)
     await pub.publish(f"{unique_topic}/away", {"while": "away"}, qos=1)
@@ -142,10 +148,12 @@ async def test_clean_start_false_keeps_the_session(
             identifier=client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             clean_session=None if v5 else False,
-            clean_start=False,
+            clean_start=False if v5 else paho_mqtt.MQTT_CLEAN_START_FIRST_ONLY,
         ) as bare,
     ):
-        message = await anext(aiter(bare.messages))
+        async for message in bare.messages:
+            if not message.topic.value.startswith(RESERVED_PREFIX):  # the bus's barrier
+                break
     assert message.topic.value == f"{unique_topic}/away"
     assert b'"while":"away"' in bytes(message.payload)  # type: ignore[arg-type]
 

@@ -113,11 +113,31 @@ class MqttOptions:
         )
 
 
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """An SSLSocket that closes itself when its handshake fails.
+
+    paho does the TLS handshake inside ``connect()`` and drops the socket without closing it
+    when the handshake fails (e.g. an unknown CA), which leaks the descriptor until garbage
+    collection (with a ResourceWarning).
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        """Handshake; on failure close the socket before raising."""
+        try:
+            super().do_handshake(block)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise  # non-blocking: not a failure
+        except BaseException:
+            self.close()
+            raise
+
+
 def _tls_context(opts: Mapping[str, Any]) -> ssl.SSLContext:
     """Build the TLS context for ``mqtts://`` from ca_file / certfile / keyfile / tls_verify."""
     verify = parse_bool("tls_verify", opts.get("tls_verify", True))
     try:
         context = ssl.create_default_context(cafile=opts.get("ca_file"))
+        context.sslsocket_class = _ClosingSSLSocket
         if opts.get("certfile"):
             context.load_cert_chain(opts["certfile"], opts.get("keyfile"))
     except (OSError, ssl.SSLError) as exc:

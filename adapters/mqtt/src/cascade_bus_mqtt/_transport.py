@@ -283,6 +283,9 @@ class MqttTransport(Transport):
             ),
             properties=properties,
             tls_context=o.tls,
+            # paho checks the host name itself unless told not to, even with tls_verify=false
+            # (where there is no certificate to check: every connect would fail).
+            tls_insecure=True if o.tls is not None and not o.tls.check_hostname else None,
             will=will,
             max_inflight_messages=o.max_inflight,
             socket_options=(
@@ -296,6 +299,28 @@ class MqttTransport(Transport):
         paho = client._client
         paho.on_message = self._on_message
         paho.on_publish = self._on_publish
+        loop = asyncio.get_running_loop()
+
+        # aiomqtt registers the socket for writing through call_soon_threadsafe; when the
+        # connection dies before that callback runs (a broker going down with data queued), it
+        # registers a closed file descriptor (an asyncio error with a traceback), or one already
+        # reused by the next connection. Register only while the socket is still paho's.
+        def writable() -> None:
+            try:
+                paho.loop_write()
+            except Exception as exc:  # a broken pipe: the connection is gone
+                if not client._disconnected.done():
+                    client._disconnected.set_exception(exc)
+
+        def register_write(_client: paho_mqtt.Client, userdata: Any, sock: Any) -> None:
+            def add() -> None:
+                current = paho.socket()
+                if current is not None and current is sock:
+                    loop.add_writer(current.fileno(), writable)
+
+            loop.call_soon_threadsafe(add)
+
+        paho.on_socket_register_write = register_write
         # Learn when paho has written everything it queued (flush, QoS 0 flow control).
         unregister = paho.on_socket_unregister_write
 
@@ -308,7 +333,6 @@ class MqttTransport(Transport):
         # aiomqtt ignores a connection that closes before CONNACK (a broker shutting down, a
         # proxy refusing) and waits out its whole timeout; fail the attempt at once instead.
         on_disconnect = paho.on_disconnect
-        loop = asyncio.get_running_loop()
 
         def disconnected(*args: Any) -> None:
             if on_disconnect is not None:
@@ -407,11 +431,12 @@ class MqttTransport(Transport):
         while not self._closing:
             client = self._client
             assert client is not None
-            try:
-                await client._disconnected
-                cause: BaseException | None = None
-            except Exception as exc:
-                cause = exc
+            lost = client._disconnected
+            # asyncio.wait, not ``await lost``: cancelling this task (aclose) must not cancel
+            # aiomqtt's future, or its __aexit__ thinks it is disconnected already and never
+            # sends DISCONNECT (the broker would then publish the will).
+            await asyncio.wait((lost,))
+            cause = None if lost.cancelled() else lost.exception()
             if self._closing:
                 return
             self._set_connected(False)
