@@ -460,6 +460,15 @@ def print_table(cases: list[Case], codecs: list[CodecCase]) -> None:
         "* ratio: throughput rows vs the bare asyncio.Queue with the same subscriber count; "
         "codec rows vs stdlib json"
     )
+    naive = {c.subscribers: c.median_rate() for c in cases if c.kind == "naive"}
+    print(
+        "  bus vs naive scan: "
+        + ", ".join(
+            f"{c.name.removeprefix('bus memory:// ')} {c.median_rate() / naive[c.subscribers]:.2f}x"
+            for c in cases
+            if c.kind == "bus"
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seconds",
         type=float,
-        default=1.0,
+        default=0.75,
         help="scale each throughput case to about this long per run; 0 = N messages each",
     )
     parser.add_argument(
@@ -487,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     print(f"Python {sys.version.split()[0]} ({platform.python_implementation()}) on {sys.platform}")
     print(
-        f"CPUs: {os.cpu_count()}  |  cascade-bus {cascade_bus.__version__}  |  "
+        f"CPUs: {os.cpu_count()}  |  cascade-bus {cascade_bus.__version__} "
+        f"({os.path.dirname(cascade_bus.__file__ or '?')})  |  "
         f"msgspec {msgspec.__version__}  |  "
         f"loop policy: {type(asyncio.get_event_loop_policy()).__name__}"
     )

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import enum
 import logging
 import os
 import socket
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
 
@@ -163,6 +164,8 @@ class Bus:
         self._on_error = on_error
         self._stats = transport.stats
         self._state = _State.NEW
+        self._live = False  # == (self._state is _State.OPEN); an enum compare costs ~60 ns
+        self._valid_topics: set[str] = set()  # publish topics already validated
         self._subs: set[Subscription[Any]] = set()
         self._inflight = 0
         self._idle: asyncio.Event | None = None
@@ -172,6 +175,11 @@ class Bus:
         self._replies: dict[str, asyncio.Future[Envelope[Any]]] = {}
         self._report_overflow = True
         self._raw_headers = self._format == "raw" and self.capabilities.headers
+        self._plain_json = self._format == "json"
+        # Optional transport fast path: deliver synchronously, return an awaitable only to wait.
+        self._publish_nowait: Callable[..., Awaitable[None] | None] | None = getattr(
+            transport, "publish_nowait", None
+        )
         self._exact_filter = not transport.filters_exactly
 
     def __repr__(self) -> str:
@@ -213,6 +221,7 @@ class Bus:
             await self._abort()
             raise
         self._state = _State.OPEN
+        self._live = True
         log.debug("bus %s open", self.url.redacted())
         return self
 
@@ -257,6 +266,7 @@ class Bus:
             self._state = _State.CLOSED
             return
         self._state = _State.CLOSING
+        self._live = False
         self._closed_event = closed = asyncio.Event()
         try:
             await asyncio.shield(self._drain_and_close())
@@ -351,9 +361,13 @@ class Bus:
             PublishError: the broker refused it or it timed out.
             BusClosed: the bus is not open.
         """
-        if self._state is not _State.OPEN:
+        if not self._live:
             self._check_open()
-        validate_topic(topic)
+        if builtins.type(topic) is not str or topic not in self._valid_topics:
+            validate_topic(topic)
+            if len(self._valid_topics) >= 4096:
+                self._valid_topics.clear()
+            self._valid_topics.add(topic)
         if qos:
             self._check_qos(qos)
         if retain and not self.capabilities.retain:
@@ -371,21 +385,33 @@ class Bus:
                     final.topic, final.payload, final.headers, custom_type,
                     final.correlation_id, final.reply_to, final,
                 )  # fmt: skip
-                await self._send(final.topic, data, native, qos, retain)
+                pending = self._send(final.topic, data, native, qos, retain)
+                if pending is not None:
+                    await pending
 
             await compose(send, self._publish_steps)(env)
             return
-        data, native = self._encode(topic, payload, headers, type, correlation_id, reply_to)
-        await self._send(topic, data, native, qos, retain)
+        if self._plain_json and not (headers or correlation_id or reply_to or type):
+            if builtins.type(payload) is not bytes:
+                data = self._codec.encode_plain(topic, payload)
+                native = None
+            else:
+                data, native = self._encode(topic, payload, None, None, None, None)
+        else:
+            data, native = self._encode(topic, payload, headers, type, correlation_id, reply_to)
+        pending = self._send(topic, data, native, qos, retain)
+        if pending is not None:
+            await pending
 
-    async def _send(
+    def _send(
         self,
         topic: str,
         data: bytes,
         native: Mapping[str, str] | None,
         qos: int,
         retain: bool,
-    ) -> None:
+    ) -> Awaitable[None] | None:
+        """Hand one body to the transport; returns what is left to await, if anything."""
         limit = self.transport.max_payload
         if limit is not None and len(data) > limit:
             self._stats.drop(DropReason.PAYLOAD_TOO_LARGE)
@@ -395,9 +421,24 @@ class Bus:
                 size=len(data),
                 limit=limit,
             )
+        nowait = self._publish_nowait
+        if nowait is None:
+            pending = self.transport.publish(topic, data, qos=qos, retain=retain, headers=native)
+        else:
+            try:
+                pending = nowait(topic, data, qos, retain, native)
+            except BusError:
+                self._stats.drop(DropReason.PUBLISH_FAILED)
+                raise
+            if pending is None:  # delivered synchronously
+                self._stats.published += 1
+                return None
+        return self._finish_send(topic, pending)
+
+    async def _finish_send(self, topic: str, pending: Awaitable[None]) -> None:
         self._inflight += 1
         try:
-            await self.transport.publish(topic, data, qos=qos, retain=retain, headers=native)
+            await pending
         except BusError:
             self._stats.drop(DropReason.PUBLISH_FAILED)
             raise

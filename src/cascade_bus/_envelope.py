@@ -25,12 +25,12 @@ _ID_PREFIX = os.urandom(6).hex()
 _ID_COUNTER = itertools.count(1)
 
 
-def new_id() -> str:
+def new_id(_prefix: str = _ID_PREFIX + "-", _next: Any = _ID_COUNTER.__next__) -> str:
     """Return a message id unique across processes: a random per-process prefix and a counter.
 
     Much cheaper than `uuid.uuid4` on the publish path, and sortable within one process.
     """
-    return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
+    return f"{_prefix}{_next():x}"
 
 
 class Envelope(

@@ -9,7 +9,7 @@ publisher wait for a full subscriber instead of growing memory or dropping.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, ClassVar
 
 from ._capabilities import Capabilities
@@ -175,13 +175,28 @@ class MemoryTransport(Transport):
         headers: Mapping[str, str] | None = None,
     ) -> None:
         """Deliver synchronously to every matching subscription, waiting on full ones."""
+        pending = self.publish_nowait(topic, data, qos, retain, headers)
+        if pending is not None:
+            await pending
+
+    def publish_nowait(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+    ) -> Awaitable[None] | None:
+        """`publish` without a coroutine: returns an awaitable only when a subscriber is full."""
         if not self._open:
             raise BusClosed("memory transport is closed")
         broker = self.broker
         if retain:
             broker.set_retained(topic, data, headers)
         route = broker._routes.get(topic) or broker.route(topic)
-        message = Message(topic, data, headers, qos=qos)
+        message = (
+            Message(topic, data, headers) if not qos else Message(topic, data, headers, qos=qos)
+        )
         full: list[MessageSink] | None = None
         for member in route.plain:
             if not member.sink.deliver(message):
@@ -190,9 +205,7 @@ class MemoryTransport(Transport):
             sink = members[next(counter) % len(members)].sink
             if not sink.deliver(message):
                 (full := full or []).append(sink)
-        if full:
-            for sink in full:
-                await sink.ready()
+        return _wait_ready(full) if full else None
 
     async def subscribe(
         self,
@@ -209,6 +222,11 @@ class MemoryTransport(Transport):
         self.broker.add(member)
         self._members.append(member)
         return _MemoryHandle(self, member)
+
+
+async def _wait_ready(sinks: list[MessageSink]) -> None:
+    for sink in sinks:
+        await sink.ready()
 
 
 class _MemoryHandle(TransportSubscription):

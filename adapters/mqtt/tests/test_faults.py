@@ -93,7 +93,7 @@ async def test_10k_qos1_messages_survive_two_broker_restarts(
             elapsed = time.monotonic() - started
             # The subscriber is still resubscribing behind its queue flood when the last
             # message lands; its reconnect completes right after.
-            await sub.transport.wait_connected(reconnects=1)  # type: ignore[attr-defined]
+            await kit.wait_connected(sub, reconnects=1)
     finally:
         sub_stats = sub.stats()
         pub_stats = [bus.stats() for bus in pubs]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from typing import Any
 
 import aiomqtt
@@ -34,9 +35,15 @@ class MosquittoSub:
     """``mosquitto_sub -C 1`` run in the background, ready once its SUBACK came back."""
 
     def __init__(self, sub: str, host: str, port: int, topic: str, version: str) -> None:
+        # Its stdout is block-buffered into a pipe: without stdbuf the "Subscribed" line would
+        # only show up when it exits.
+        stdbuf = shutil.which("stdbuf")
+        if stdbuf is None:
+            pytest.skip("stdbuf (coreutils) not found: cannot tell when mosquitto_sub is ready")
         self.argv = [
-            sub, "-h", host, "-p", str(port), "-t", topic, "-V", CLI_VERSION[version],
-            "-q", "1", "-C", "1", "-W", "10", "-d", "-F", "PAYLOAD:%p",
+            stdbuf, "-oL", sub, "-h", host, "-p", str(port), "-t", topic,
+            "-V", CLI_VERSION[version], "-q", "1", "-C", "1", "-W", "10", "-d",
+            "-F", "PAYLOAD:%p",
         ]  # fmt: skip
         self.proc: asyncio.subprocess.Process | None = None
         self.lines: list[str] = []
@@ -59,7 +66,7 @@ class MosquittoSub:
 
     async def payload(self) -> bytes:
         """Wait (bounded) for the one message and mosquitto_sub's exit; return the body."""
-        assert self.proc is not None and self.proc.stdout is not None
+        assert self.proc is not None
         async with asyncio.timeout(10):
             rest, _ = await self.proc.communicate()
         output = "".join(self.lines) + rest.decode()
@@ -179,16 +186,18 @@ async def test_empty_retained_from_mosquitto_pub_clears(
         async with cascade_bus.connect(mqtt_url, version=version) as bus:
             await bus.publish(topic, {"on": True}, qos=1, retain=True)
             await wait_for(1)
+        async with cascade_bus.connect(mqtt_url, version=version) as newcomer:
             late = kit.Inbox()
-            await bus.subscribe(topic, late)
+            await newcomer.subscribe(topic, late)
             assert late.payloads == [{"on": True}]  # it is retained
 
-            await kit.run_cli(pub, "-h", host, "-p", str(port), "-t", topic, "-r", "-n")
-            await wait_for(2)
-            assert received == [(topic, {"on": True}), (topic, {})]
+        await kit.run_cli(pub, "-h", host, "-p", str(port), "-t", topic, "-r", "-n")
+        await wait_for(2)
+        assert received == [(topic, {"on": True}), (topic, {})]
 
+        async with cascade_bus.connect(mqtt_url, version=version) as newcomer:
             later = kit.Inbox()
-            await bus.subscribe(topic, later)
+            await newcomer.subscribe(topic, later)
             assert later.payloads == []  # cleared: nothing retained any more
     finally:
         await live.disconnect()

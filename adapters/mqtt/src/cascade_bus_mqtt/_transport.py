@@ -166,7 +166,19 @@ class MqttTransport(Transport):
     ``tls_verify`` (mqtts), ``will_topic``/``will_payload``/``will_qos``/``will_retain``,
     ``reconnect`` (true), ``reconnect_min``/``reconnect_max`` (backoff bounds, s),
     ``offline_buffer`` (10,000 messages), ``max_inflight`` (20), ``tcp_nodelay`` (true),
-    ``presence_topic`` (none; see `presence_payload`).
+    ``presence_topic`` (none).
+
+    Presence: with ``presence_topic="devices/pump-1/status"`` the transport keeps a retained
+    JSON status on that topic, ``{"online": true, "client_id": "<client_id>"}`` after every
+    connect and reconnect (QoS 1; ``connect`` returns once the broker acknowledged it). The
+    last will is set to the retained ``{"online": false, ...}``, so the broker marks the client
+    offline when it vanishes (crash, kill, cut connection, missed keepalives); a clean close
+    publishes the offline status itself before its DISCONNECT (which suppresses the will).
+    Subscribers read the current state from the retained message at subscribe time. It
+    replaces ``will_topic`` (combining both is an `InvalidURL`).
+
+    ``clean_start=false`` (with a fixed ``client_id``) resumes the broker session across
+    reconnects; with MQTT 5 the adapter asks for an unlimited Session Expiry Interval.
     """
 
     capabilities: Capabilities = _V5_CAPS
@@ -402,9 +414,15 @@ class MqttTransport(Transport):
         """Connect, subscribe the barrier topic and start the reconnect supervisor.
 
         Raises:
-            ConnectError: unreachable broker or refused credentials (no password shown).
+            ConnectError: unreachable broker or refused credentials (no password shown), or
+                the connection failed right after CONNACK (barrier subscribe, presence).
         """
-        await self._open_client()
+        try:
+            await self._open_client()
+        except (ConnectionLost, SubscribeError, PublishError) as exc:
+            raise ConnectError(
+                f"could not set up the connection to {self.url.endpoint()}: {exc}"
+            ) from exc
         self._set_connected(True)
         self._supervisor = asyncio.get_running_loop().create_task(
             self._supervise(), name=f"cascade_bus.mqtt[{self._opts.client_id}].supervisor"
@@ -655,18 +673,29 @@ class MqttTransport(Transport):
             self._idle.set()
 
     async def flush(self, timeout: float) -> None:
-        """Wait until every QoS>=1 message is acknowledged and every packet is written.
+        """Wait until every QoS>=1 message is acknowledged and the broker processed the rest.
+
+        Written to the socket is not enough for QoS 0: another client subscribing right after
+        ``flush`` could still beat those messages to the broker (and get them live instead of
+        retained). So flush ends with a barrier round trip on this connection, which the
+        broker answers only after handling everything sent before it.
 
         Raises:
             TimeoutError: not done within ``timeout`` seconds.
         """
         async with asyncio.timeout(timeout):
-            await self._idle.wait()
-            paho = self._paho
-            if paho is not None and self._connected:
-                self._written.clear()
-                if paho.want_write():
-                    await self._written.wait()
+            while True:
+                await self._idle.wait()
+                if self._paho is None or not self._connected:
+                    return  # nothing waits for a connection (idle): nothing left to confirm
+                try:
+                    await self._barrier(0)
+                except ConnectionLost:
+                    # Unacknowledged QoS>=1 messages go back to the offline buffer: wait for
+                    # the supervisor to notice, then for them to be resent and acknowledged.
+                    await self.wait_disconnected()
+                    continue
+                return
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -760,8 +789,8 @@ class MqttTransport(Transport):
         try:
             info = paho.publish(self._barrier_topic, token, min(max(qos, 0), 1))
             if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
-                raise ConnectionLost(f"lost {self.url.endpoint()} while subscribing")
-            await self._until_lost(fut, "waiting for the subscribe barrier")
+                raise ConnectionLost(f"lost {self.url.endpoint()} before a barrier")
+            await self._until_lost(fut, "waiting for a barrier")
         finally:
             self._barriers.pop(token, None)
 
