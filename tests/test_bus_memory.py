@@ -282,26 +282,32 @@ async def test_deliver_to_a_full_subscription_counts_overflow() -> None:
         assert sub.deliver(Message(t, b"1")) is True
         assert sub.deliver(Message(t, b"2")) is False  # at the high-water mark: wait
         assert bus.stats().dropped == {}
-        assert sub.deliver(Message(t, b"3")) is False  # over it: dropped and counted
-        assert sub.deliver(Message(t, b"4")) is False
+        # "block" keeps headroom for deliveries already under way (hard cap: 2 + 64) ...
+        for i in range(3, 67):
+            assert sub.deliver(Message(t, str(i).encode())) is False
+        assert bus.stats().dropped == {}
+        assert sub.pending == 66
+        # ... and only past it drops, counted.
+        assert sub.deliver(Message(t, b"67")) is False
+        assert sub.deliver(Message(t, b"68")) is False
         assert bus.stats().dropped == {"overflow": 2}
-        assert sub.pending == 2
-        assert [(await sub.get(WAIT)).payload for _ in range(2)] == [1, 2]
-        assert sub.deliver(Message(t, b"5")) is True  # room again
+        assert sub.pending == 66
+        assert [(await sub.get(WAIT)).payload for _ in range(66)] == list(range(1, 67))
+        assert sub.deliver(Message(t, b"69")) is True  # room again
 
 
 async def test_flow_timeout_lets_the_publisher_go_and_counts_drops() -> None:
     t = topic()
-    async with cascade_bus.connect(mem(), buffer_size=2, flow_timeout=0.05) as bus:
+    async with cascade_bus.connect(mem(), buffer_size=2, flow_timeout=0.01) as bus:
         sub = await bus.subscribe(t)  # never read
         async with asyncio.timeout(WAIT):
-            for i in range(5):
+            for i in range(70):  # each publish past the high-water mark waits 0.01 s at most
                 await bus.publish(t, i)
-        assert sub.pending == 2
+        assert sub.pending == 66  # the hard cap of "block": 2 + 64 headroom
         stats = bus.stats()
-        assert stats.published == 5
-        assert stats.dropped == {"overflow": 3}
-        assert stats.dropped_total == 3
+        assert stats.published == 70
+        assert stats.dropped == {"overflow": 4}
+        assert stats.dropped_total == 4
 
 
 # -- payload isolation -----------------------------------------------------------------------------
@@ -458,7 +464,8 @@ async def test_close_timeout_bounds_a_stuck_handler() -> None:
         await entered.wait()
         await bus.close()
     assert not bus.is_open
-    assert bus.stats().dropped == {"closed": 1}  # the queued one; the held one was cancelled
+    # the queued one, and the one the handler held when it was cancelled
+    assert bus.stats().dropped == {"closed": 2}
 
 
 # -- handlers and types ---------------------------------------------------------------------------

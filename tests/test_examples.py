@@ -72,6 +72,43 @@ EXPECTED: dict[str, list[str]] = {
         "request/reply works too: [1, 2, 3]",
         "refused, not ignored: the 'loopback' transport does not support retained messages",
     ],
+    "middleware.py": [
+        "  bus before invoices/1\n  subscription before invoices/1\n"
+        "  handler got {'total': 42} from billing\n  subscription after\n  bus after",
+        "  subscription saw PermissionError\n  bus saw PermissionError",
+        "on_error: PermissionError: unsigned message",
+        "stats: 1 delivered, dropped {'handler_error': 1}",
+    ],
+    "otel_tracing.py": [
+        "handler sees traceparent: True",
+        "span 'orders/42/created publish' kind=PRODUCER",
+        "span 'orders/42/created process' kind=CONSUMER",
+        "messaging.system: memory",
+        "consumer's parent is the producer: True",
+        "cascade_bus.delivered = 1\ncascade_bus.published = 1\nmessaging.process.duration = 1",
+    ],
+    "flow_control.py": [
+        "drop_oldest: kept [5, 6, 7], dropped {'overflow': 5}",
+        "drop_newest: kept [0, 1, 2], dropped {'overflow': 5}",
+        "block: got [0, 1, 2, 3, 4, 5, 6, 7], at most 2 queued, dropped {}",
+        "max_concurrency=4: 10 handled, at most 4 at once",
+    ],
+    "dead_letters.py": [
+        "payment 1 charged at attempt 2",
+        "on_error (after the last attempt): gateway timeout for payment 2",
+        "dead letter: {'payment': 2}",
+        "  x-death-attempts: 3\n  x-death-error: gateway timeout for payment 2\n"
+        "  x-death-error-type: ConnectionError\n  x-death-topic: payments/new",
+        "delivered 2, dead_lettered 1, dropped {}",
+    ],
+    "loss_ledger.py": [
+        "published: 7\ndelivered: 1\ndropped closed: 1\ndropped decode_error: 1\n"
+        "dropped handler_error: 1\ndropped overflow: 1\ndropped payload_too_large: 1\n"
+        "dropped unsubscribed: 2",
+        "errors reported: ['DecodeError', 'ValueError']",
+        "7 published = 1 delivered + 6 lost, all counted",
+        "still queued: 0, buffered: 0",
+    ],
 }
 # pytest modules among the examples: run with pytest rather than as scripts.
 PYTEST_EXAMPLES = ["test_broker_fixtures.py", "test_conformance.py"]

@@ -18,6 +18,7 @@ from ._errors import (
     BusClosed,
     BusError,
     ConnectError,
+    ConnectionLost,
     InvalidTopic,
     InvalidURL,
     PayloadTooLarge,
@@ -422,6 +423,7 @@ class Bus:
                 limit=limit,
             )
         nowait = self._publish_nowait
+        pending: Awaitable[None] | None
         if nowait is None:
             pending = self.transport.publish(topic, data, qos=qos, retain=retain, headers=native)
         else:
@@ -433,18 +435,35 @@ class Bus:
             if pending is None:  # delivered synchronously
                 self._stats.published += 1
                 return None
-        return self._finish_send(topic, pending)
+        return self._finish_send(topic, pending, qos)
 
-    async def _finish_send(self, topic: str, pending: Awaitable[None]) -> None:
+    async def _finish_send(self, topic: str, pending: Awaitable[None], qos: int) -> None:
+        """Await the transport; QoS>=1 waits are bounded by ``publish_timeout``.
+
+        QoS 0 waits are the transport's own flow control, bounded by the transport.
+        """
         self._inflight += 1
         try:
-            await pending
+            if qos:
+                async with asyncio.timeout(self._publish_timeout):
+                    await pending
+            else:
+                await pending
+        except ConnectionLost:
+            self._stats.drop(DropReason.DISCONNECTED)
+            raise
+        except PublishError as exc:
+            self._stats.drop(exc.reason or DropReason.PUBLISH_FAILED)
+            raise
         except BusError:
             self._stats.drop(DropReason.PUBLISH_FAILED)
             raise
         except TimeoutError:
             self._stats.drop(DropReason.PUBLISH_FAILED)
-            raise PublishError(f"publish to {topic!r} timed out", topic=topic) from None
+            raise PublishError(
+                f"publish to {topic!r} not confirmed within {self._publish_timeout}s",
+                topic=topic,
+            ) from None
         finally:
             self._inflight -= 1
             if self._idle is not None and not self._inflight:

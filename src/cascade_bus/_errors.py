@@ -115,11 +115,16 @@ class PublishError(TransportError):
 
     Attributes:
         topic: The topic of the message that was not published.
+        reason: The loss-ledger reason the bus counts it under (a `DropReason` name such as
+            ``"offline_overflow"``); None means ``"publish_failed"``.
     """
 
-    def __init__(self, message: str, *, topic: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, topic: str | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(message)
         self.topic = topic
+        self.reason = reason
 
 
 class SubscribeError(TransportError):

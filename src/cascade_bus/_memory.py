@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from ._capabilities import Capabilities
 from ._errors import BusClosed, InvalidURL
+from ._stats import DropReason
 from ._topics import topic_matches
 from ._transport import Message, MessageSink, Transport, TransportSubscription
 from ._url import BusURL, parse_int
@@ -194,6 +195,10 @@ class MemoryTransport(Transport):
         if retain:
             broker.set_retained(topic, data, headers)
         route = broker._routes.get(topic) or broker.route(topic)
+        if qos and not route.plain and not route.groups:
+            # At QoS >= 1 the publisher expects someone to get it: say nobody did (counted;
+            # the message still counts as published, as a broker would accept it).
+            self.stats.drop(DropReason.NO_SUBSCRIBER)
         message = (
             Message(topic, data, headers) if not qos else Message(topic, data, headers, qos=qos)
         )

@@ -134,6 +134,13 @@ class Subscription(Generic[T]):
         # a publisher run 10,000 messages ahead only adds cache misses and GC survivors.
         self._high = min(self._limit, _HIGH_WATER)
         self._low = self._high // 2
+        # "block" asks the transport to stop at the high-water mark; several concurrent
+        # publishers (or a network read already in progress) may still deliver a few more, so
+        # the hard cap where "block" starts dropping (counted) leaves headroom above it.
+        self._cap = (
+            self._limit if policy.overflow != "block" else max(2 * self._limit, self._limit + 64)
+        )
+        self._end_reason = DropReason.CLOSED
         self._overflow = policy.overflow
         self._invoke: Next | None = None
         if handler is not None:
@@ -181,7 +188,7 @@ class Subscription(Generic[T]):
         if self._filter is not None and not topic_matches(self._filter, message.topic):
             return True
         buf = self._buf
-        if len(buf) >= self._limit:
+        if len(buf) >= self._cap:
             self._stats.drop(DropReason.OVERFLOW)
             self._warn_overflow()
             if self._overflow != "drop_oldest":
@@ -278,7 +285,14 @@ class Subscription(Generic[T]):
             try:
                 await invoke(env)
             except Exception as exc:  # a handler's failure must not stop the subscription
-                await self._failed(env, exc)
+                try:
+                    await self._failed(env, exc)
+                except asyncio.CancelledError:
+                    stats.drop(self._end_reason)
+                    raise
+            except asyncio.CancelledError:  # the subscription ended under this message
+                stats.drop(self._end_reason)
+                raise
             else:
                 stats.delivered += 1
             if message.ack is None and self._progress is None:
@@ -291,11 +305,15 @@ class Subscription(Generic[T]):
     ) -> None:
         assert self._invoke is not None
         try:
-            await self._invoke(env)
-        except Exception as exc:
-            await self._failed(env, exc)
-        else:
-            self._stats.delivered += 1
+            try:
+                await self._invoke(env)
+            except Exception as exc:
+                await self._failed(env, exc)
+            else:
+                self._stats.delivered += 1
+        except asyncio.CancelledError:  # the subscription ended under this message
+            self._stats.drop(self._end_reason)
+            raise
         finally:
             sem.release()
         await self._finish(message)
@@ -433,6 +451,7 @@ class Subscription(Generic[T]):
     async def _shutdown(self, *, drain: float, reason: str) -> None:
         """Close: stop the transport side, let the handler finish (bounded), count the rest."""
         self._closed = True
+        self._end_reason = reason
         self._bus._forget(self)
         transport_sub, self._transport_sub = self._transport_sub, None
         if transport_sub is not None:

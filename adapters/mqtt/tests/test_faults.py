@@ -253,7 +253,7 @@ async def test_qos1_publish_while_down_is_buffered_then_delivered(
         with pytest.raises(PublishError, match="offline buffer full") as raised:
             await bus.publish(f"{unique_topic}/q1", {"seq": 3}, qos=1)
     assert raised.value.topic == f"{unique_topic}/q1"
-    assert bus.stats().dropped == {"publish_failed": 1}
+    assert bus.stats().dropped == {"offline_overflow": 1}
 
     await broker.astart()
     await kit.wait_connected(bus, reconnects=1)

@@ -76,6 +76,7 @@ RESERVED_PREFIX = "_cascade_bus/"
 _MAX_PAYLOAD = 268_435_455  # MQTT's largest remaining length
 _OUT_HIGH = 2048  # paho packets waiting for the socket before a QoS 0 publisher yields
 _BARRIER_ID = 1
+_NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK/PUBREC reason code (a success code)
 
 _V5_CAPS = Capabilities(
     max_qos=2,
@@ -609,8 +610,7 @@ class MqttTransport(Transport):
     def _buffer(
         self, topic: str, data: bytes, qos: int, retain: bool, props: Properties | None
     ) -> None:
-        if not self._opts.reconnect:
-            self.stats.drop(DropReason.DISCONNECTED)
+        if not self._opts.reconnect:  # the bus counts it as 'disconnected'
             raise ConnectionLost(
                 f"not connected to {self.url.endpoint()} and reconnect is off",
             )
@@ -623,6 +623,7 @@ class MqttTransport(Transport):
                 f"disconnected from {self.url.endpoint()}; QoS {qos} message for {topic!r} "
                 "not accepted",
                 topic=topic,
+                reason=DropReason.OFFLINE_OVERFLOW,
             )
         self._offline.append(_Outgoing(topic, data, qos, retain, props, None))
         self._idle.clear()
@@ -664,6 +665,9 @@ class MqttTransport(Transport):
                     )
                 )
             else:
+                if reason_code.value == _NO_MATCHING_SUBSCRIBERS:
+                    # Accepted, but the broker says nobody subscribes: count it (QoS >= 1).
+                    self.stats.drop(DropReason.NO_SUBSCRIBER)
                 out.settle()
             if not self._inflight:
                 self._check_idle()

@@ -1,0 +1,495 @@
+"""MQTT throughput and ping-pong latency: cascade-bus against bare aiomqtt and paho, one run.
+
+Not a test: run it and read the table.
+
+    .venv/bin/python bench/bench_mqtt.py [--messages N] [--pings K] [--repeat R]
+
+It starts a private Mosquitto (``start_mosquitto``: ``set_tcp_nodelay true``,
+``max_queued_messages 0``) on a free port and stops it at the end. Every client sets
+TCP_NODELAY (cascade-bus does by default; the bare clients are given the socket option), so
+no row waits on Nagle's algorithm.
+
+Throughput (msg/s, median of R repeats): a publisher and a subscriber on two connections in
+this process; the clock runs from the first publish until the subscriber has all N messages.
+The bare clients publish a 100-byte body; cascade-bus publishes a small dict, which goes on
+the wire as a CloudEvents JSON envelope (its size is in the ``wire B`` column).
+
+- ``cascade-bus awaited``: ``await bus.publish(...)`` in a loop; a handler subscription.
+- ``cascade-bus gathered``: ``asyncio.gather`` of ``--chunk`` publishes at a time.
+- ``aiomqtt naive``: ``await client.publish(...)`` in a loop; ``async for m in client.messages``.
+- ``aiomqtt gathered``: ``asyncio.gather`` of ``--chunk`` publishes at a time (its "pending
+  publish calls" warning silenced); the same receiving loop (aiomqtt has no other).
+- ``paho threads``: paho-mqtt with ``loop_start()`` (its own network threads), the publisher
+  calling ``publish`` from the main thread: a reference, not a target.
+
+Ping-pong (µs, p50/p99 of K round trips, median over repeats): client A publishes a ping,
+client B (another connection) receives it and publishes a pong, A waits for the pong before
+the next ping. Both legs use the row's QoS, so a round trip crosses the broker twice.
+
+Targets (from the MQTT adapter's issue): cascade-bus awaited ≥ 1.5x aiomqtt naive, cascade-bus
+gathered ≥ 1.0x aiomqtt gathered; QoS 1 round trip p50 ≤ 1 ms; at QoS 0 at most 30 µs added
+to the bare aiomqtt round trip p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import os
+import platform
+import socket
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho_mqtt
+
+import cascade_bus
+from cascade_bus import Envelope
+from cascade_bus.testing.brokers import BrokerProcess, start_mosquitto
+
+BODY = b"x" * 100
+PAYLOAD: dict[str, Any] = {"seq": 1, "value": 21.5, "unit": "C", "ok": True}
+NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+RECEIVE_TIMEOUT = 60.0  # seconds a throughput run may take before it counts as failed
+
+TARGET_VS_NAIVE = 1.5
+TARGET_VS_GATHERED = 1.0
+TARGET_QOS1_P50_US = 1000.0
+TARGET_ADDED_P50_US = 30.0
+
+# aiomqtt warns once per publish while more than 10 are pending: silence it for gathering.
+QUIET = logging.getLogger("bench.aiomqtt")
+QUIET.setLevel(logging.ERROR)
+QUIET.addHandler(logging.NullHandler())
+QUIET.propagate = False
+
+
+def topic(kind: str) -> str:
+    return f"bench/{kind}/{uuid.uuid4().hex[:8]}"
+
+
+# -- throughput ---------------------------------------------------------------------------------
+
+
+class Countdown:
+    """Counts received messages; sets ``done`` on the last expected one."""
+
+    __slots__ = ("count", "done", "expected")
+
+    def __init__(self, expected: int) -> None:
+        self.count = 0
+        self.expected = expected
+        self.done = asyncio.Event()
+
+    def __call__(self, _message: Any) -> None:
+        self.count += 1
+        if self.count == self.expected:
+            self.done.set()
+
+
+async def wait_done(cd: Countdown, what: str) -> None:
+    try:
+        async with asyncio.timeout(RECEIVE_TIMEOUT):
+            await cd.done.wait()
+    except TimeoutError:
+        raise RuntimeError(f"{what}: received {cd.count} of {cd.expected}") from None
+
+
+async def bus_throughput(url: str, n: int, qos: int, chunk: int) -> float:
+    """``chunk`` 1: each publish awaited; otherwise gathered ``chunk`` at a time."""
+    t = topic("bus")
+    async with cascade_bus.connect(url) as pub, cascade_bus.connect(url) as sub:
+        cd = Countdown(n)
+        await sub.subscribe(t, cd, qos=qos)
+        start = time.perf_counter()
+        if chunk == 1:
+            for _ in range(n):
+                await pub.publish(t, PAYLOAD, qos=qos)
+        else:
+            for first in range(0, n, chunk):
+                await asyncio.gather(
+                    *(pub.publish(t, PAYLOAD, qos=qos) for _ in range(min(chunk, n - first)))
+                )
+        await wait_done(cd, "cascade-bus")
+        return n / (time.perf_counter() - start)
+
+
+def aiomqtt_client(port: int) -> aiomqtt.Client:
+    return aiomqtt.Client("127.0.0.1", port, socket_options=NODELAY, logger=QUIET)
+
+
+async def aiomqtt_throughput(port: int, n: int, qos: int, chunk: int) -> float:
+    t = topic("aiomqtt")
+    async with aiomqtt_client(port) as pub, aiomqtt_client(port) as sub:
+        await sub.subscribe(t, qos)
+        cd = Countdown(n)
+
+        async def consume() -> None:
+            async for message in sub.messages:
+                cd(message)
+                if cd.done.is_set():
+                    return
+
+        consumer = asyncio.create_task(consume())
+        start = time.perf_counter()
+        if chunk == 1:
+            for _ in range(n):
+                await pub.publish(t, BODY, qos)
+        else:
+            for first in range(0, n, chunk):
+                await asyncio.gather(
+                    *(pub.publish(t, BODY, qos) for _ in range(min(chunk, n - first)))
+                )
+        try:
+            await wait_done(cd, "aiomqtt")
+        finally:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+        return n / (time.perf_counter() - start)
+
+
+def paho_client(port: int) -> paho_mqtt.Client:
+    client = paho_mqtt.Client(
+        paho_mqtt.CallbackAPIVersion.VERSION2, protocol=paho_mqtt.MQTTv5
+    )
+    connected = threading.Event()
+    client.on_connect = lambda *_args: connected.set()
+    client.connect("127.0.0.1", port)
+    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
+    client.loop_start()
+    if not connected.wait(10):
+        raise RuntimeError("paho did not connect")
+    return client
+
+
+def paho_subscribe(client: paho_mqtt.Client, t: str, qos: int) -> None:
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *_args: subscribed.set()
+    client.subscribe(t, qos)
+    if not subscribed.wait(10):
+        raise RuntimeError("paho did not subscribe")
+
+
+def paho_close(*clients: paho_mqtt.Client) -> None:
+    for client in clients:
+        client.disconnect()
+        client.loop_stop()
+
+
+def paho_throughput(port: int, n: int, qos: int) -> float:
+    t = topic("paho")
+    pub, sub = paho_client(port), paho_client(port)
+    try:
+        count = 0
+        done = threading.Event()
+
+        def on_message(*_args: Any) -> None:
+            nonlocal count
+            count += 1
+            if count == n:
+                done.set()
+
+        sub.on_message = on_message
+        paho_subscribe(sub, t, qos)
+        start = time.perf_counter()
+        for _ in range(n):
+            pub.publish(t, BODY, qos)
+        if not done.wait(RECEIVE_TIMEOUT):
+            raise RuntimeError(f"paho: received {count} of {n}")
+        return n / (time.perf_counter() - start)
+    finally:
+        paho_close(pub, sub)
+
+
+# -- ping-pong ----------------------------------------------------------------------------------
+
+
+async def bus_pingpong(url: str, k: int, qos: int) -> list[float]:
+    ping, pong = topic("ping"), topic("pong")
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    async with cascade_bus.connect(url) as a, cascade_bus.connect(url) as b:
+
+        async def echo(env: Envelope[Any]) -> None:
+            await b.publish(pong, env.payload, qos=qos)
+
+        def got(_env: Envelope[Any]) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        await b.subscribe(ping, echo, qos=qos)
+        await a.subscribe(pong, got, qos=qos)
+        samples: list[float] = []
+        for i in range(k + k // 10):
+            waiter = loop.create_future()
+            start = time.perf_counter()
+            await a.publish(ping, PAYLOAD, qos=qos)
+            await waiter
+            if i >= k // 10:  # the first tenth warms up
+                samples.append(time.perf_counter() - start)
+        return samples
+
+
+async def aiomqtt_pingpong(port: int, k: int, qos: int) -> list[float]:
+    ping, pong = topic("ping"), topic("pong")
+    async with aiomqtt_client(port) as a, aiomqtt_client(port) as b:
+        await b.subscribe(ping, qos)
+        await a.subscribe(pong, qos)
+
+        async def echo() -> None:
+            async for message in b.messages:
+                await b.publish(pong, message.payload, qos)
+
+        echoer = asyncio.create_task(echo())
+        replies = aiter(a.messages)
+        samples: list[float] = []
+        try:
+            for i in range(k + k // 10):
+                start = time.perf_counter()
+                await a.publish(ping, BODY, qos)
+                await anext(replies)
+                if i >= k // 10:
+                    samples.append(time.perf_counter() - start)
+        finally:
+            echoer.cancel()
+            await asyncio.gather(echoer, return_exceptions=True)
+        return samples
+
+
+def paho_pingpong(port: int, k: int, qos: int) -> list[float]:
+    ping, pong = topic("ping"), topic("pong")
+    a, b = paho_client(port), paho_client(port)
+    try:
+        reply = threading.Event()
+        b.on_message = lambda _c, _u, msg: b.publish(pong, msg.payload, qos)
+        a.on_message = lambda *_args: reply.set()
+        paho_subscribe(b, ping, qos)
+        paho_subscribe(a, pong, qos)
+        samples: list[float] = []
+        for i in range(k + k // 10):
+            reply.clear()
+            start = time.perf_counter()
+            a.publish(ping, BODY, qos)
+            if not reply.wait(10):
+                raise RuntimeError("paho: no pong")
+            if i >= k // 10:
+                samples.append(time.perf_counter() - start)
+        return samples
+    finally:
+        paho_close(a, b)
+
+
+# -- running and reporting ----------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    qos: int
+    wire: int
+    run: Callable[[], Awaitable[float]]
+    rates: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(self.rates) if self.rates else 0.0
+
+
+@dataclass
+class LatencyRow:
+    name: str
+    qos: int
+    run: Callable[[], Awaitable[list[float]]]
+    p50s: list[float] = field(default_factory=list)
+    p99s: list[float] = field(default_factory=list)
+
+    @property
+    def p50(self) -> float:
+        return statistics.median(self.p50s)
+
+    @property
+    def p99(self) -> float:
+        return statistics.median(self.p99s)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def bus_wire_size() -> int:
+    codec = cascade_bus.connect("memory://bench-size")._codec
+    return len(codec.encode_plain(topic("bus"), PAYLOAD))
+
+
+def build_rows(broker: BrokerProcess, args: argparse.Namespace) -> list[Row]:
+    url, port, n, chunk = broker.url, broker.port, args.messages, args.chunk
+    wire = bus_wire_size()
+    rows: list[Row] = []
+    for qos in (0, 1):
+        rows += [
+            Row("cascade-bus awaited", qos, wire, lambda q=qos: bus_throughput(url, n, q, 1)),
+            Row(
+                "cascade-bus gathered", qos, wire, lambda q=qos: bus_throughput(url, n, q, chunk)
+            ),
+            Row("aiomqtt naive", qos, len(BODY), lambda q=qos: aiomqtt_throughput(port, n, q, 1)),
+            Row(
+                "aiomqtt gathered",
+                qos,
+                len(BODY),
+                lambda q=qos: aiomqtt_throughput(port, n, q, chunk),
+            ),
+        ]
+        if not args.no_paho:
+            rows.append(
+                Row(
+                    "paho threads",
+                    qos,
+                    len(BODY),
+                    lambda q=qos: asyncio.to_thread(paho_throughput, port, n, q),
+                )
+            )
+    return rows
+
+
+def build_latency_rows(broker: BrokerProcess, args: argparse.Namespace) -> list[LatencyRow]:
+    url, port, k = broker.url, broker.port, args.pings
+    rows: list[LatencyRow] = []
+    for qos in (0, 1):
+        rows += [
+            LatencyRow("cascade-bus", qos, lambda q=qos: bus_pingpong(url, k, q)),
+            LatencyRow("aiomqtt", qos, lambda q=qos: aiomqtt_pingpong(port, k, q)),
+        ]
+        if not args.no_paho:
+            rows.append(
+                LatencyRow(
+                    "paho threads", qos, lambda q=qos: asyncio.to_thread(paho_pingpong, port, k, q)
+                )
+            )
+    return rows
+
+
+def find(rows: list[Row], name: str, qos: int) -> Row:
+    return next(r for r in rows if r.name == name and r.qos == qos)
+
+
+def find_latency(rows: list[LatencyRow], name: str, qos: int) -> LatencyRow:
+    return next(r for r in rows if r.name == name and r.qos == qos)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def report(rows: list[Row], latency: list[LatencyRow], args: argparse.Namespace) -> bool:
+    print(
+        f"\nThroughput: {args.messages:,} messages, median of {args.repeat}; "
+        f"gathered = {args.chunk} publishes per asyncio.gather\n"
+    )
+    print(f"{'client':<22} {'QoS':>3} {'msg/s':>9} {'vs naive':>9} {'vs gathered':>12} {'wire B':>7}")
+    for row in rows:
+        naive = find(rows, "aiomqtt naive", row.qos).rate
+        gathered = find(rows, "aiomqtt gathered", row.qos).rate
+        print(
+            f"{row.name:<22} {row.qos:>3} {row.rate:>9,.0f} {row.rate / naive:>8.2f}x "
+            f"{row.rate / gathered:>11.2f}x {row.wire:>7}"
+        )
+    print(f"\nPing-pong round trip (A -> broker -> B -> broker -> A), {args.pings:,} pings\n")
+    print(f"{'client':<22} {'QoS':>3} {'p50 µs':>9} {'p99 µs':>9} {'added p50':>10}")
+    for lat in latency:
+        raw = find_latency(latency, "aiomqtt", lat.qos).p50
+        print(
+            f"{lat.name:<22} {lat.qos:>3} {lat.p50 * 1e6:>9.0f} {lat.p99 * 1e6:>9.0f} "
+            f"{(lat.p50 - raw) * 1e6:>+9.0f}"
+        )
+    print("\nTargets")
+    ok = True
+    for qos in (0, 1):
+        awaited = find(rows, "cascade-bus awaited", qos).rate
+        bus_gathered = find(rows, "cascade-bus gathered", qos).rate
+        naive = find(rows, "aiomqtt naive", qos).rate
+        gathered = find(rows, "aiomqtt gathered", qos).rate
+        checks = [
+            (
+                f"QoS {qos}: cascade-bus awaited  >= {TARGET_VS_NAIVE}x aiomqtt naive",
+                awaited / naive,
+                awaited / naive >= TARGET_VS_NAIVE,
+            ),
+            (
+                f"QoS {qos}: cascade-bus gathered >= {TARGET_VS_GATHERED}x aiomqtt gathered",
+                bus_gathered / gathered,
+                bus_gathered / gathered >= TARGET_VS_GATHERED,
+            ),
+        ]
+        for text, ratio, passed in checks:
+            print(f"  {verdict(passed)}  {text:<52} {ratio:.2f}x")
+            ok &= passed
+    qos1 = find_latency(latency, "cascade-bus", 1).p50 * 1e6
+    added = (
+        find_latency(latency, "cascade-bus", 0).p50 - find_latency(latency, "aiomqtt", 0).p50
+    ) * 1e6
+    for text, value, passed in [
+        (f"QoS 1 round trip p50 <= {TARGET_QOS1_P50_US:.0f} µs", qos1, qos1 <= TARGET_QOS1_P50_US),
+        (
+            f"QoS 0 p50 added over aiomqtt <= {TARGET_ADDED_P50_US:.0f} µs",
+            added,
+            added <= TARGET_ADDED_P50_US,
+        ),
+    ]:
+        print(f"  {verdict(passed)}  {text:<52} {value:+.0f} µs" if "added" in text else
+              f"  {verdict(passed)}  {text:<52} {value:.0f} µs")
+        ok &= passed
+    return ok
+
+
+async def run(args: argparse.Namespace) -> bool:
+    broker = await asyncio.to_thread(start_mosquitto)
+    try:
+        rows = build_rows(broker, args)
+        latency = build_latency_rows(broker, args)
+        for repeat in range(args.repeat):
+            for row in rows:
+                gc.collect()
+                row.rates.append(await row.run())
+            for lat in latency:
+                gc.collect()
+                samples = await lat.run()
+                lat.p50s.append(percentile(samples, 0.50))
+                lat.p99s.append(percentile(samples, 0.99))
+            print(f"repeat {repeat + 1}/{args.repeat} done", file=sys.stderr)
+        return report(rows, latency, args)
+    finally:
+        await asyncio.to_thread(broker.close)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--messages", type=int, default=10_000, help="messages per throughput run")
+    parser.add_argument("--pings", type=int, default=1_000, help="round trips per latency run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case (median)")
+    parser.add_argument("--chunk", type=int, default=1_000, help="publishes per gather")
+    parser.add_argument("--no-paho", action="store_true", help="skip the paho reference rows")
+    args = parser.parse_args(argv)
+    print(
+        f"cascade-bus {cascade_bus.__version__}, aiomqtt {version('aiomqtt')}, "
+        f"paho-mqtt {version('paho-mqtt')}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, {platform.machine()}"
+    )
+    started = time.perf_counter()
+    ok = asyncio.run(run(args))
+    print(f"\n{time.perf_counter() - started:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
