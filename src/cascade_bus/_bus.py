@@ -177,6 +177,10 @@ class Bus:
         self._report_overflow = True
         self._raw_headers = self._format == "raw" and self.capabilities.headers
         self._plain_json = self._format == "json"
+        # memory:// takes envelopes instead of bodies: each subscription copies the payload.
+        self._publish_local: Callable[..., Awaitable[None] | None] | None = (
+            getattr(transport, "publish_local", None) if self._format != "raw" else None
+        )
         # Optional transport fast path: deliver synchronously, return an awaitable only to wait.
         self._publish_nowait: Callable[..., Awaitable[None] | None] | None = getattr(
             transport, "publish_nowait", None
@@ -392,6 +396,19 @@ class Bus:
 
             await compose(send, self._publish_steps)(env)
             return
+        if (
+            self._publish_local is not None
+            and not retain
+            and (builtins.type(payload) is not bytes or payload)
+        ):
+            env = self._codec.envelope(
+                topic, payload, headers=headers, correlation_id=correlation_id,
+                reply_to=reply_to, type=type,
+            )  # fmt: skip
+            pending = self._send_local(env, qos)
+            if pending is not None:
+                await pending
+            return
         if self._plain_json and not (headers or correlation_id or reply_to or type):
             if builtins.type(payload) is not bytes:
                 data = self._codec.encode_plain(topic, payload)
@@ -436,6 +453,39 @@ class Bus:
                 self._stats.published += 1
                 return None
         return self._finish_send(topic, pending, qos)
+
+    def _send_local(self, env: Envelope[Any], qos: int) -> Awaitable[None] | None:
+        """In-process publish: the envelope and its encoded payload, never the full body."""
+        local = self._codec.local(env)
+        body = local[1]
+        limit = self.transport.max_payload
+        # The payload bounds the full body from below: encode the whole envelope only when
+        # the payload comes within 1 KiB of the limit.
+        if (
+            limit is not None
+            and (len(body) if body is not None else len(env.payload)) + 1024 > limit
+        ):
+            size = len(
+                self._codec.encode_envelope(env, "msgpack" if self._format == "msgpack" else "json")
+            )
+            if size > limit:
+                self._stats.drop(DropReason.PAYLOAD_TOO_LARGE)
+                raise PayloadTooLarge(
+                    f"message for {env.topic!r} is {size} bytes; {self._scheme}:// accepts at "
+                    f"most {limit}",
+                    size=size,
+                    limit=limit,
+                )
+        assert self._publish_local is not None
+        try:
+            pending = self._publish_local(env.topic, local, qos)
+        except BusError:
+            self._stats.drop(DropReason.PUBLISH_FAILED)
+            raise
+        if pending is None:
+            self._stats.published += 1
+            return None
+        return self._finish_send(env.topic, pending, qos)
 
     async def _finish_send(self, topic: str, pending: Awaitable[None], qos: int) -> None:
         """Await the transport; QoS>=1 waits are bounded by ``publish_timeout``.

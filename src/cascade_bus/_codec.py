@@ -97,7 +97,9 @@ class Codec:
         type: str | None = None,
     ) -> Envelope[Any]:
         """Build the envelope for an outgoing message."""
-        if not (headers or correlation_id or reply_to):  # pass only non-defaults: ~100 ns less
+        if not (headers or correlation_id or reply_to):
+            # Only what differs from the defaults, but `headers` explicitly: a literal {} is
+            # cheaper than msgspec calling the default factory (~90 ns).
             return Envelope(
                 id=new_id(),
                 source=self.source,
@@ -108,6 +110,7 @@ class Codec:
                 content_type=BYTES_CONTENT_TYPE
                 if isinstance(payload, bytes)
                 else JSON_CONTENT_TYPE,
+                headers={},
             )
         return Envelope(
             id=new_id(),
@@ -121,6 +124,25 @@ class Codec:
             correlation_id=correlation_id,
             reply_to=reply_to,
         )
+
+    def local(self, env: Envelope[Any]) -> tuple[Envelope[Any], bytes | None, bool]:
+        """The in-process form of an envelope: it plus its payload encoded once (a copy source).
+
+        Raises:
+            EncodeError: the payload is not encodable.
+        """
+        payload = env.payload
+        if type(payload) is bytes:
+            return env, None, False  # immutable: subscribers may share it
+        msgpack = self.fmt == "msgpack"
+        try:
+            body = (_msgpack_encoder if msgpack else _json_encoder).encode(payload)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(
+                f"cannot encode payload of type {type(payload).__name__} for topic "
+                f"{env.topic!r}: {exc}"
+            ) from None
+        return env, body, msgpack
 
     def encode_plain(self, topic: str, payload: Any) -> bytes:
         """`envelope` + `encode_envelope` in JSON for a payload that is not bytes, no metadata.
@@ -193,6 +215,34 @@ class EnvelopeDecoder:
         self._msgpack = msgspec.msgpack.Decoder(Envelope[tp])
         self._json_payload = msgspec.json.Decoder(tp)
         self._msgpack_payload = msgspec.msgpack.Decoder(tp)
+
+    def decode_local(self, local: tuple[Envelope[Any], bytes | None, bool]) -> Envelope[Any]:
+        """This subscription's own copy of an envelope published in this process.
+
+        Equal to decoding the full body, without encoding or parsing the metadata: only the
+        payload is decoded (which also keeps subscribers from sharing mutable payloads).
+
+        Raises:
+            DecodeError: the payload does not fit the type.
+        """
+        env, body, is_msgpack = local
+        if body is None:  # a bytes payload
+            if not (self._untyped or self._type is bytes):
+                data = (_msgpack_encoder if is_msgpack else _json_encoder).encode(env)
+                return self.decode(env.topic, data)
+            payload: Any = env.payload
+        else:
+            try:
+                payload = (self._msgpack_payload if is_msgpack else self._json_payload).decode(body)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise DecodeError(
+                    f"payload on {env.topic!r} does not match {_type_name(self._type)}: {exc}",
+                    topic=env.topic,
+                ) from None
+        headers = env.headers
+        return msgspec.structs.replace(
+            env, payload=payload, headers=dict(headers) if headers else {}
+        )
 
     def decode(
         self, topic: str, data: bytes, headers: Mapping[str, str] | None = None

@@ -212,6 +212,32 @@ class MemoryTransport(Transport):
                 (full := full or []).append(sink)
         return _wait_ready(full) if full else None
 
+    def publish_local(
+        self, topic: str, local: tuple[Any, bytes | None, bool], qos: int
+    ) -> Awaitable[None] | None:
+        """`publish_nowait` for a non-retained envelope from a bus in this process: no body.
+
+        Subscribers copy the payload from the encoded payload alone, so the envelope is never
+        encoded nor parsed as a whole (see `Message.local`).
+        """
+        if not self._open:
+            raise BusClosed("memory transport is closed")
+        broker = self.broker
+        route = broker._routes.get(topic) or broker.route(topic)
+        if qos and not route.plain and not route.groups:
+            self.stats.drop(DropReason.NO_SUBSCRIBER)
+        message = Message(topic, b"", None, qos=qos)
+        message.local = local
+        full: list[MessageSink] | None = None
+        for member in route.plain:
+            if not member.sink.deliver(message):
+                (full := full or []).append(member.sink)
+        for members, counter in route.groups:
+            sink = members[next(counter) % len(members)].sink
+            if not sink.deliver(message):
+                (full := full or []).append(sink)
+        return _wait_ready(full) if full else None
+
     async def subscribe(
         self,
         pattern: str,

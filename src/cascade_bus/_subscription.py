@@ -127,6 +127,7 @@ class Subscription(Generic[T]):
             or inspect.iscoroutinefunction(getattr(handler, "__call__", None))  # noqa: B004
         )
         self._decode = decoder.decode
+        self._decode_local = decoder.decode_local
         self._policy = policy
         self._buf: deque[Message] = deque()
         self._limit = policy.buffer_size
@@ -255,6 +256,7 @@ class Subscription(Generic[T]):
         invoke = self._invoke
         assert invoke is not None
         decode = self._decode
+        decode_local = self._decode_local
         stats = self._stats
         report = self._bus._report
         sem = self._sem
@@ -270,7 +272,11 @@ class Subscription(Generic[T]):
             if self._room is not None:
                 self._made_room()
             try:
-                env = decode(message.topic, message.data, message.headers)
+                local = message.local
+                if local is None:
+                    env = decode(message.topic, message.data, message.headers)
+                else:
+                    env = decode_local(local)
             except Exception as exc:  # a bad message must never stop the subscription
                 stats.drop(DropReason.DECODE_ERROR)
                 report(_as_decode_error(exc, message.topic), message.topic, None)
@@ -400,7 +406,12 @@ class Subscription(Generic[T]):
                     self._made_room()
                 self._processed += 1
                 try:
-                    env: Envelope[T] = self._decode(message.topic, message.data, message.headers)
+                    local = message.local
+                    env: Envelope[T] = (
+                        self._decode(message.topic, message.data, message.headers)
+                        if local is None
+                        else self._decode_local(local)
+                    )
                 except Exception as exc:  # a bad message must never end the iteration
                     self._stats.drop(DropReason.DECODE_ERROR)
                     self._bus._report(_as_decode_error(exc, message.topic), message.topic, None)

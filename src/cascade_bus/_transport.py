@@ -32,7 +32,7 @@ class Message:
         ack: For at-least-once delivery, called after the handler finished; None otherwise.
     """
 
-    __slots__ = ("ack", "data", "headers", "qos", "retained", "topic")
+    __slots__ = ("ack", "data", "headers", "local", "qos", "retained", "topic")
 
     def __init__(
         self,
@@ -50,6 +50,10 @@ class Message:
         self.retained = retained
         self.qos = qos
         self.ack = ack
+        # In-process transports may hand over the publisher's envelope instead of a body:
+        # ``(envelope, payload_body, is_msgpack)``; `data` is then empty and unused, and each
+        # subscription copies the payload from ``payload_body`` (None: shared immutable bytes).
+        self.local: tuple[Any, bytes | None, bool] | None = None
 
     def __repr__(self) -> str:
         return (
