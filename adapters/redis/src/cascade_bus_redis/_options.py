@@ -1,0 +1,159 @@
+"""Redis URL options, parsed and checked once: ``redis://user:pass@host:6379/0?prefix=...``."""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cascade_bus import InvalidURL
+from cascade_bus.spi import BusURL, parse_bool, parse_float, parse_int
+
+__all__ = ["RedisOptions"]
+
+KNOWN = frozenset(
+    {
+        "db",
+        "username",
+        "password",
+        "ca_file",
+        "certfile",
+        "keyfile",
+        "tls_verify",
+        "prefix",
+        "client_id",
+        "stream_maxlen",
+        "stream_ttl",
+        "claim_idle",
+        "read_count",
+        "reconnect",
+        "reconnect_min",
+        "reconnect_max",
+        "offline_buffer",
+        "health_check_interval",
+        "max_payload",
+        "max_inflight",
+    }
+)
+
+#: Default largest body. Redis disconnects a pub/sub client whose output buffer passes 32 MiB
+#: (``client-output-buffer-limit pubsub``), so far smaller messages are the sane ceiling.
+DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class RedisOptions:
+    """Every option the Redis transport understands, with its default."""
+
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    db: int
+    tls: ssl.SSLContext | None
+    prefix: str
+    client_id: str
+    client_id_given: bool
+    stream_maxlen: int
+    stream_ttl: float
+    claim_idle: float
+    read_count: int
+    reconnect: bool
+    reconnect_min: float
+    reconnect_max: float
+    offline_buffer: int
+    health_check_interval: float
+    max_payload: int
+    max_inflight: int
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisOptions(host={self.host!r}, port={self.port}, db={self.db}, "
+            f"username={self.username!r}, password={'[secure]' if self.password else None}, "
+            f"tls={self.tls is not None}, prefix={self.prefix!r}, client_id={self.client_id!r})"
+        )
+
+    @classmethod
+    def parse(cls, url: BusURL, options: Mapping[str, Any]) -> RedisOptions:
+        """Read the URL and options (keyword options already laid over the query).
+
+        Raises:
+            InvalidURL: an unknown option or a bad value, naming the option.
+        """
+        opts = dict(options)
+        unknown = sorted(set(opts) - KNOWN)
+        if unknown:
+            raise InvalidURL(
+                f"unknown Redis option(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN))}"
+            )
+        if len(url.hosts) > 1:
+            raise InvalidURL(
+                f"{url.scheme}:// takes one server; Redis Cluster and Sentinel are not supported "
+                f"(got {len(url.hosts)} hosts in {url.redacted()!r})"
+            )
+        tls_wanted = url.scheme == "rediss"
+        db_text = url.path.strip("/")
+        if "db" in opts:
+            db = parse_int("db", opts["db"])
+        elif db_text:
+            if not db_text.isdigit():
+                raise InvalidURL(f"the path of {url.redacted()!r} must be a database number")
+            db = int(db_text)
+        else:
+            db = 0
+        prefix = str(opts.get("prefix", "cascade_bus:"))
+        if not prefix or any(c in prefix for c in "*?[]\\ \x00"):
+            raise InvalidURL(
+                f"prefix={prefix!r}: use a non-empty key prefix without glob characters or spaces"
+            )
+        client_id = opts.get("client_id")
+        if client_id is not None and (not str(client_id) or "/" in str(client_id)):
+            raise InvalidURL(f"client_id={client_id!r} must be non-empty and contain no '/'")
+        stream_ttl = parse_float("stream_ttl", opts.get("stream_ttl", 300.0))
+        if stream_ttl < 1.0:
+            raise InvalidURL(f"stream_ttl={stream_ttl}: use at least 1 second")
+        read_count = parse_int("read_count", opts.get("read_count", 256))
+        max_inflight = parse_int("max_inflight", opts.get("max_inflight", 1024))
+        if read_count < 1 or max_inflight < 2:
+            raise InvalidURL("read_count must be >= 1 and max_inflight >= 2")
+        return cls(
+            host=url.host or "127.0.0.1",
+            port=url.port or 6379,
+            username=opts.get("username", url.username),
+            password=opts.get("password", url.password),
+            db=db,
+            tls=_tls_context(opts) if tls_wanted else None,
+            prefix=prefix,
+            client_id=str(client_id) if client_id is not None else os.urandom(8).hex(),
+            client_id_given=client_id is not None,
+            stream_maxlen=parse_int("stream_maxlen", opts.get("stream_maxlen", 100_000)),
+            stream_ttl=stream_ttl,
+            claim_idle=parse_float("claim_idle", opts.get("claim_idle", 30.0)),
+            read_count=read_count,
+            reconnect=parse_bool("reconnect", opts.get("reconnect", True)),
+            reconnect_min=parse_float("reconnect_min", opts.get("reconnect_min", 0.05)),
+            reconnect_max=parse_float("reconnect_max", opts.get("reconnect_max", 5.0)),
+            offline_buffer=parse_int("offline_buffer", opts.get("offline_buffer", 10_000)),
+            health_check_interval=parse_float(
+                "health_check_interval", opts.get("health_check_interval", 10.0)
+            ),
+            max_payload=parse_int("max_payload", opts.get("max_payload", DEFAULT_MAX_PAYLOAD)),
+            max_inflight=max_inflight,
+        )
+
+
+def _tls_context(opts: Mapping[str, Any]) -> ssl.SSLContext:
+    """Build the TLS context for ``rediss://`` from ca_file / certfile / keyfile / tls_verify."""
+    verify = parse_bool("tls_verify", opts.get("tls_verify", True))
+    try:
+        context = ssl.create_default_context(cafile=opts.get("ca_file"))
+        if opts.get("certfile"):
+            context.load_cert_chain(opts["certfile"], opts.get("keyfile"))
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidURL(f"cannot load the TLS files for rediss://: {exc}") from None
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

@@ -1,0 +1,1309 @@
+"""The Redis transport: pub/sub for QoS 0, Streams for QoS 1 and queue groups, a hash for retained.
+
+Connections. Each bus holds one *command* connection (publishes, scripts, acks; pipelined: every
+command issued in one event-loop iteration shares one socket write, replies resolve in FIFO order)
+and one *pub/sub* connection (SUBSCRIBE/PSUBSCRIBE, parsed straight into the subscriptions'
+queues). Each stream subscription (QoS 1, or any queue group) adds one connection for its blocking
+XREADGROUP. All speak RESP2 through `RespConnection` (hiredis parser).
+
+Publishing. Every publish is one EVALSHA of the adapter's script (see ``_script.py``): PUBLISH on
+the channel named exactly like the topic (plain clients interoperate), the retained hash update
+when ``retain`` is set, and an XADD to every registered stream route whose pattern matches the
+topic, all atomically. A QoS 0 publish returns once queued on the socket (at most ``max_inflight``
+replies outstanding, so a loop of awaited publishes is pipelined by itself); a QoS 1 publish returns
+when Redis replied. While disconnected, publishes wait in a bounded offline buffer (QoS 0 over the
+bound: dropped and counted as ``offline_overflow``; QoS 1: `PublishError`); QoS 1 publishes whose
+reply was lost with the connection are sent again (at least once), QoS 0 ones are counted as
+``disconnected``.
+
+QoS and queue groups. A QoS 0 subscription is a pub/sub subscription. A QoS 1 subscription
+registers a *route* (pattern -> its own stream, lease refreshed by a heartbeat) and reads that
+stream with XREADGROUP; the bus acks (XACK, batched) after the handler ran. Because routing
+happens inside the publish script, wildcard QoS 1 subscriptions work and a QoS 1 subscriber also
+receives QoS 0 publishes (delivered at least once: the subscription's QoS is what counts, as in
+MQTT), while a QoS 0 subscriber still sees QoS 1 publishes over pub/sub. A queue group is one
+route and stream per (queue, pattern) with consumer group ``cascade_bus``: each message goes to
+one member, across processes; QoS 0 members read with NOACK, QoS 1 members ack, and XAUTOCLAIM
+hands messages a dead member left pending (idle longer than ``claim_idle``) to a live one.
+Publishes by plain Redis clients (bare PUBLISH) reach pub/sub subscriptions only.
+
+Retained messages and the subscribe race. ``subscribe()`` must hand over every retained message
+matching the pattern, exactly once, and lose no message published meanwhile. The order is:
+
+1. subscribe live first (pub/sub: SUBSCRIBE/PSUBSCRIBE confirmed by a PING on the same connection;
+   streams: the route registered) and put everything that arrives into the subscription's
+   *window* instead of delivering it;
+2. read the snapshot: HGET for an exact topic, HSCAN pages (glob + exact filter) for a pattern,
+   each body with its *sequence number*;
+3. write a barrier (PUBLISH of a token to this bus's private channel, or XADD of a token to the
+   subscription's stream) and wait until it comes back on the live path: from then on every
+   message executed before the snapshot's last read is in the window;
+4. deliver the snapshot (``retained=True``) except the topics the window holds a retained
+   publish for with a sequence number >= the snapshot's (the same message or a newer one, which
+   the window delivers live), then the window in arrival order, then switch to live delivery.
+
+Every retained publish (and clear) takes a number from one INCR'd counter in the same script that
+stores it. The number reaches live subscribers without changing the body: the script publishes
+``r<seq>`` on the control channel just before the message and ``e`` just after it, and since a
+script runs atomically those arrive around the message on every pub/sub connection; streams carry
+the number as field ``s``. After a reconnect the same procedure resynchronises each pub/sub
+subscription, delivering only retained messages that changed (or were cleared) while it was away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ClassVar
+
+from cascade_bus import (
+    BusClosed,
+    ConnectError,
+    ConnectionLost,
+    PublishError,
+    SubscribeError,
+)
+from cascade_bus.spi import (
+    BusURL,
+    Capabilities,
+    DropReason,
+    Message,
+    MessageSink,
+    Transport,
+    TransportSubscription,
+    backoff_delays,
+    topic_matches,
+)
+
+from ._options import RedisOptions
+from ._resp import ReplyError, RespConnection, RespLost, pack
+from ._script import SCRIPT
+from ._topics import native_subscriptions, scan_glob
+
+__all__ = ["RedisTransport"]
+
+log = logging.getLogger("cascade_bus.redis")
+
+GROUP = b"cascade_bus"
+_SCAN_COUNT = b"1000"
+_TOPIC_CACHE = 4096
+_CONNECT_TIMEOUT = 10.0
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+class _Out:
+    """A publish waiting for its reply, or for a connection (offline buffer)."""
+
+    __slots__ = ("data", "future", "qos", "retain", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        future: asyncio.Future[None] | None,
+    ) -> None:
+        self.topic = topic
+        self.data = data
+        self.qos = qos
+        self.retain = retain
+        self.future = future
+
+    def settle(self, error: BaseException | None = None) -> None:
+        fut = self.future
+        if fut is not None and not fut.done():
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+
+class _Item:
+    """A message held in a subscription's window (or a retained one from the snapshot)."""
+
+    __slots__ = ("ack", "data", "retained", "seq", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        data: bytes,
+        seq: int | None,
+        ack: Callable[[], Awaitable[None]] | None = None,
+        retained: bool = False,
+    ) -> None:
+        self.topic = topic
+        self.data = data
+        self.seq = seq
+        self.ack = ack
+        self.retained = retained
+
+
+class _Stream:
+    """The stream side of a QoS 1 or queue subscription: key, consumer and ack bookkeeping."""
+
+    __slots__ = (
+        "acking",
+        "barriers",
+        "conn",
+        "consumer",
+        "delete_on_close",
+        "inflight",
+        "key",
+        "noack",
+        "pattern",
+        "queue",
+        "task",
+        "to_ack",
+    )
+
+    def __init__(
+        self, key: bytes, consumer: bytes, pattern: str, queue: str | None, noack: bool
+    ) -> None:
+        self.key = key
+        self.consumer = consumer
+        self.pattern = pattern
+        self.queue = queue
+        self.noack = noack
+        self.delete_on_close = False
+        self.conn: RespConnection | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.inflight: set[bytes] = set()  # delivered to the sink, not yet acked
+        self.acking: set[bytes] = set()  # ack sent (or queued), not yet confirmed
+        self.to_ack: list[bytes] = []
+        self.barriers: dict[bytes, asyncio.Future[None]] = {}
+
+
+class _Sub:
+    """One transport-level subscription: a pattern, a sink, a window, maybe a stream."""
+
+    __slots__ = ("closed", "pattern", "qos", "queue", "seen", "sink", "stream", "window")
+
+    def __init__(self, pattern: str, sink: MessageSink, qos: int, queue: str | None) -> None:
+        self.pattern = pattern
+        self.sink = sink
+        self.qos = qos
+        self.queue = queue
+        self.window: deque[_Item] | None = None
+        # Retained sequence last delivered per topic (pub/sub subscriptions), for the resync
+        # after a reconnect; 0 = cleared.
+        self.seen: dict[str, int] = {}
+        self.stream: _Stream | None = None
+        self.closed = False
+
+    def push(
+        self,
+        topic: str,
+        data: bytes,
+        seq: int | None,
+        ack: Callable[[], Awaitable[None]] | None = None,
+    ) -> bool:
+        """Deliver (or hold in the window) one live message; False means the sink is full."""
+        window = self.window
+        if window is not None:
+            window.append(_Item(topic, data, seq, ack))
+            return True
+        if seq is not None:
+            self.seen[topic] = seq if data else 0
+        return self.sink.deliver(Message(topic, data, None, qos=self.qos, ack=ack))
+
+
+class _Native:
+    """One SUBSCRIBE or PSUBSCRIBE on the pub/sub connection and the routes it feeds."""
+
+    __slots__ = ("kind", "name", "routes")
+
+    def __init__(self, kind: str, name: bytes) -> None:
+        self.kind = kind
+        self.name = name
+        self.routes: list[tuple[str | None, _Sub]] = []
+
+
+class _Handle(TransportSubscription):
+    __slots__ = ("sub", "transport")
+
+    def __init__(self, transport: RedisTransport, sub: _Sub) -> None:
+        self.transport = transport
+        self.sub = sub
+
+    async def unsubscribe(self) -> None:
+        await self.transport._remove(self.sub)
+
+
+class RedisTransport(Transport):
+    """``redis://[user:pass@]host[:6379][/db]`` and ``rediss://`` (TLS).
+
+    Options (URL query or keyword): ``db`` (or the URL path), ``username``/``password`` (or the
+    userinfo; ACL users), ``ca_file``/``certfile``/``keyfile``/``tls_verify`` (rediss),
+    ``prefix`` (``cascade_bus:``, for every key and control channel), ``client_id`` (names this
+    bus's QoS 1 streams and consumers; given explicitly, its QoS 1 streams outlive ``close()``
+    so a restarted process resumes them), ``stream_maxlen`` (100,000, ``MAXLEN ~``),
+    ``stream_ttl`` (300 s lease of a stream route), ``claim_idle`` (30 s before XAUTOCLAIM takes
+    a dead member's message), ``read_count`` (256 per XREADGROUP), ``reconnect`` (true),
+    ``reconnect_min``/``reconnect_max`` (backoff bounds, s), ``offline_buffer`` (10,000),
+    ``health_check_interval`` (10 s PING), ``max_payload`` (8 MiB), ``max_inflight`` (1,024 QoS 0
+    replies outstanding).
+    """
+
+    capabilities: Capabilities = Capabilities(
+        max_qos=1,
+        retain=True,
+        retain_emulated=True,
+        wildcards=True,
+        headers=False,
+        queue_groups=True,
+        request_reply=True,
+        will=False,
+        persistence=False,
+        ordering=True,
+        max_payload=None,
+        emulated=frozenset({"retain", "qos1", "queue_groups"}),
+    )
+    package: ClassVar[str] = "cascade-bus-redis"
+
+    def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
+        super().__init__(url, options)
+        self._opts = o = RedisOptions.parse(url, self.options)
+        self._id = os.urandom(8).hex()
+        prefix = o.prefix.encode()
+        self._prefix = prefix
+        self._ctl = prefix + b"ctl"
+        self._barrier_channel = prefix + b"b:" + self._id.encode()
+        self._maxlen = str(o.stream_maxlen).encode()
+        self._ttl_ms = int(o.stream_ttl * 1000)
+        self._sha = b""
+        self._head = b""
+        self._tail = (_bulk(b"0") + _bulk(self._maxlen), _bulk(b"1") + _bulk(self._maxlen))
+        self._topic_bytes: dict[str, bytes] = {}
+        self._channel_topics: dict[bytes, str] = {}
+        self._cmd: RespConnection | None = None
+        self._pubsub: RespConnection | None = None
+        self._up = asyncio.Event()
+        self._connected = False
+        self._state_changed = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._closing = False
+        self._closed = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._offline: deque[_Out] = deque()
+        self._subs: set[_Sub] = set()
+        self._channels: dict[bytes, _Native] = {}
+        self._globs: dict[bytes, _Native] = {}
+        self._seq: int | None = None
+        self._tokens = itertools.count(1)
+        self._barriers: dict[bytes, asyncio.Future[None]] = {}
+        self._pongs: dict[bytes, asyncio.Future[None]] = {}
+        self._full: list[MessageSink] = []
+        self._flow_task: asyncio.Task[None] | None = None
+        self._ack_streams: set[_Stream] = set()
+        self._ack_handle: asyncio.Handle | None = None
+        self._stream_names: dict[str, int] = {}
+        self._queue_consumers = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._reported_failure = False
+
+    def __repr__(self) -> str:
+        state = "connected" if self._connected else "disconnected"
+        return f"<RedisTransport {self.url.redacted()} {state}>"
+
+    # -- small public helpers (tests, health checks) ---------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """True while the command and pub/sub connections are up."""
+        return self._connected
+
+    @property
+    def client_id(self) -> str:
+        """The id naming this bus's QoS 1 streams and stream consumers."""
+        return self._opts.client_id
+
+    @property
+    def buffered(self) -> int:
+        """Messages waiting in the offline buffer for the connection to come back."""
+        return len(self._offline)
+
+    @property
+    def max_payload(self) -> int | None:
+        """Largest body accepted (option ``max_payload``, 8 MiB by default)."""
+        return self._opts.max_payload
+
+    async def wait_connected(self, *, reconnects: int = 0) -> None:
+        """Wait until connected and ``stats.reconnects >= reconnects`` (bound it yourself).
+
+        Raises:
+            BusClosed: the transport was closed.
+        """
+        while not (self._connected and self.stats.reconnects >= reconnects):
+            if self._closed:
+                raise BusClosed("the Redis transport is closed")
+            await self._state_changed.wait()
+
+    async def wait_disconnected(self) -> None:
+        """Wait until the transport noticed that its connection is gone (or it was closed)."""
+        while self._connected:
+            await self._state_changed.wait()
+
+    def _set_connected(self, up: bool) -> None:
+        self._connected = up
+        if up:
+            self._up.set()
+        else:
+            self._up.clear()
+        changed, self._state_changed = self._state_changed, asyncio.Event()
+        changed.set()
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(f"cascade_bus.redis[{self._opts.client_id}].{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- connecting ------------------------------------------------------------------------------
+
+    async def _open(self, role: str, **callbacks: Any) -> RespConnection:
+        o = self._opts
+        conn = RespConnection(f"{self.url.endpoint()} ({role})", **callbacks)
+        try:
+            await conn.open(
+                o.host,
+                o.port,
+                tls=o.tls,
+                username=o.username,
+                password=o.password,
+                db=o.db,
+                client_name=f"cascade_bus:{o.client_id}:{role}",
+            )
+        except ReplyError as exc:
+            conn.abort()
+            if exc.code in ("WRONGPASS", "NOAUTH", "NOPERM") or "password" in str(exc).lower():
+                raise ConnectError(
+                    f"{self.url.endpoint()} refused the credentials: {exc}"
+                ) from None
+            raise ConnectError(f"{self.url.endpoint()} refused the connection: {exc}") from None
+        except (OSError, RespLost) as exc:
+            conn.abort()
+            raise ConnectError(f"could not connect to {self.url.endpoint()}: {exc}") from None
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    async def _open_main(self) -> None:
+        """Open the command and pub/sub connections, load the script, (re)subscribe."""
+        self._lost = lost = asyncio.Event()
+
+        def on_lost(exc: BaseException | None) -> None:
+            lost.set()
+
+        cmd = await self._open(
+            "commands", on_reply=self._on_reply, on_orphan=self._on_orphan, on_lost=on_lost
+        )
+        try:
+            sha = await cmd.call(b"SCRIPT", b"LOAD", SCRIPT)
+            self._set_sha(sha)
+            pubsub = await self._open("pubsub", on_push=self._on_push, on_lost=on_lost)
+        except ReplyError as exc:
+            cmd.abort()
+            raise ConnectError(
+                f"{self.url.endpoint()} refused the adapter's script: {exc}"
+            ) from exc
+        except BaseException:
+            cmd.abort()
+            raise
+        self._cmd, self._pubsub = cmd, pubsub
+        self._seq = None
+        try:
+            commands = [pack(b"SUBSCRIBE", self._ctl, self._barrier_channel)]
+            if self._channels:
+                commands.append(pack(b"SUBSCRIBE", *self._channels))
+            if self._globs:
+                commands.append(pack(b"PSUBSCRIBE", *self._globs))
+            await self._pubsub_sync(commands)
+        except BaseException:
+            cmd.abort()
+            pubsub.abort()
+            raise
+
+    def _set_sha(self, sha: bytes) -> None:
+        self._sha = sha
+        self._head = (
+            b"*9\r\n$7\r\nEVALSHA\r\n"
+            + _bulk(sha)
+            + _bulk(b"0")
+            + _bulk(b"p")
+            + _bulk(self._prefix)
+        )
+
+    async def connect(self) -> None:
+        """Connect both connections, load the script and start the supervisor and heartbeat.
+
+        Raises:
+            ConnectError: unreachable server, refused credentials or database (no password
+                shown).
+        """
+        await self._open_main()
+        self._set_connected(True)
+        self._supervisor = self._spawn(self._supervise(), "supervisor")
+        self._heartbeat_task = self._spawn(self._heartbeat(), "heartbeat")
+
+    async def _supervise(self) -> None:
+        """Wait for a connection to drop, then reconnect, resubscribe, resend and resync."""
+        while not self._closing:
+            await self._lost.wait()
+            if self._closing:
+                return
+            self._set_connected(False)
+            cause = None
+            for conn in (self._cmd, self._pubsub):
+                if conn is not None:
+                    cause = cause or conn.lost_cause
+                    conn.abort()
+            self._take_inflight()
+            self._fail_sync(ConnectionLost(f"lost the connection to {self.url.endpoint()}"))
+            if not self._opts.reconnect:
+                log.error("lost the connection to %s: %s", self.url.endpoint(), cause)
+                self._fail_offline(ConnectionLost(f"lost the connection to {self.url.endpoint()}"))
+                return
+            log.warning("lost the connection to %s (%s); reconnecting", self.url.endpoint(), cause)
+            await self._reconnect()
+
+    def _take_inflight(self) -> None:
+        """Requeue QoS 1 publishes the lost connection never answered; count lost QoS 0 ones."""
+        cmd = self._cmd
+        if cmd is None:
+            return
+        requeue: list[_Out] = []
+        lost_qos0 = 0
+        for waiter in cmd.take_waiters():
+            if waiter is None:
+                lost_qos0 += 1
+            elif isinstance(waiter, _Out):
+                requeue.append(waiter)
+                waiter.settle()  # held in a buffer that survives the reconnect
+        if lost_qos0:
+            # Their fate is unknown (Redis may have run them): counted, never resent twice.
+            self.stats.drop(DropReason.DISCONNECTED, lost_qos0)
+        self._offline.extendleft(reversed(requeue))
+
+    def _fail_sync(self, error: BaseException) -> None:
+        for table in (self._barriers, self._pongs):
+            for fut in table.values():
+                if not fut.done():
+                    fut.set_exception(error)
+                    fut.exception()
+            table.clear()
+        for sub in self._subs:
+            if sub.stream is not None:
+                for fut in sub.stream.barriers.values():
+                    if not fut.done():
+                        fut.set_exception(error)
+                        fut.exception()
+                sub.stream.barriers.clear()
+
+    def _fail_offline(self, error: BaseException) -> None:
+        if self._offline:
+            self.stats.drop(DropReason.DISCONNECTED, len(self._offline))
+        for out in self._offline:
+            out.settle(error)
+        self._offline.clear()
+
+    async def _reconnect(self) -> None:
+        o = self._opts
+        attempt = 0
+        for delay in backoff_delays(o.reconnect_min, o.reconnect_max):
+            if self._closing:
+                return
+            attempt += 1
+            await asyncio.sleep(delay)
+            try:
+                async with asyncio.timeout(_CONNECT_TIMEOUT):
+                    await self._open_main()
+            except (
+                ConnectError,
+                ConnectionLost,
+                RespLost,
+                ReplyError,
+                OSError,
+                TimeoutError,
+            ) as exc:
+                log.info("reconnect attempt %d to %s failed: %s", attempt, self.url.endpoint(), exc)
+                for conn in (self._cmd, self._pubsub):
+                    if conn is not None:
+                        conn.abort()
+                continue
+            if self._lost.is_set():
+                continue
+            break
+        else:  # pragma: no cover - backoff_delays never ends
+            return
+        self.stats.reconnects += 1
+        self._resend_offline()
+        self._set_connected(True)
+        self._schedule_acks()
+        log.warning("reconnected to %s after %d attempt(s)", self.url.endpoint(), attempt)
+        try:
+            await self._resync()
+        except (ConnectionLost, RespLost, ReplyError, TimeoutError) as exc:
+            log.info(
+                "retained resync after reconnecting to %s failed: %s", self.url.endpoint(), exc
+            )
+
+    def _resend_offline(self) -> None:
+        cmd = self._cmd
+        assert cmd is not None
+        while self._offline:
+            out = self._offline.popleft()
+            cmd.send(self._pack_publish(out.topic, out.data, out.retain), out if out.qos else None)
+
+    async def _resync(self) -> None:
+        """Re-deliver retained messages that changed while the pub/sub connection was away.
+
+        The pub/sub subscriptions were renewed by `_open_main` before any of them could see a
+        message, with their windows open (set here first, before the await points below).
+        """
+        subs = [s for s in self._subs if s.stream is None and s.queue is None and not s.closed]
+        if not subs:
+            return
+        for sub in subs:
+            if sub.window is None:
+                sub.window = deque()
+        try:
+            snapshots = await asyncio.gather(*(self._snapshot(s.pattern) for s in subs))
+            await self._barrier()
+        except BaseException:
+            for sub in subs:
+                await self._drain_window(sub, {}, resync=False)
+            raise
+        for sub, snapshot in zip(subs, snapshots, strict=True):
+            await self._drain_window(sub, snapshot, resync=True)
+
+    async def _heartbeat(self) -> None:
+        """PING both connections and refresh stream routes; a silent connection is dropped."""
+        o = self._opts
+        interval = max(0.05, min(o.health_check_interval, o.stream_ttl / 3))
+        while not self._closing:
+            await asyncio.sleep(interval)
+            cmd, pubsub = self._cmd, self._pubsub
+            if not self._connected or cmd is None or pubsub is None:
+                continue
+            try:
+                async with asyncio.timeout(max(interval, 2.0)):
+                    waits: list[Awaitable[Any]] = [cmd.call(b"PING"), self._ping_pubsub()]
+                    for sub in list(self._subs):
+                        if sub.stream is not None and not sub.closed:
+                            waits.append(self._register(sub.stream))
+                    await asyncio.gather(*waits)
+            except TimeoutError:
+                log.warning("%s did not answer a PING; reconnecting", self.url.endpoint())
+                cmd.abort()
+                pubsub.abort()
+            except (RespLost, ConnectionLost):
+                pass
+            except ReplyError as exc:
+                log.warning("heartbeat on %s failed: %s", self.url.endpoint(), exc)
+
+    async def aclose(self) -> None:
+        """Ack what was handled, drop this bus's own QoS 1 streams, disconnect. Idempotent."""
+        if self._closed:
+            return
+        self._closing = True
+        self._closed = True
+        tasks = [t for t in (self._supervisor, self._heartbeat_task, self._flow_task) if t]
+        for sub in list(self._subs):
+            sub.closed = True
+            if sub.stream is not None and sub.stream.task is not None:
+                tasks.append(sub.stream.task)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        cmd = self._cmd
+        if cmd is not None and self._connected and not cmd.lost:
+            self._flush_acks()
+            for sub in list(self._subs):
+                stream = sub.stream
+                if stream is not None and (stream.delete_on_close or stream.queue is not None):
+                    cmd.send(self._script_packed(*self._leave_args(stream)), None)
+            try:
+                async with asyncio.timeout(2.0):
+                    await cmd.call(b"PING")
+            except (TimeoutError, RespLost, ReplyError) as exc:
+                log.debug("final PING to %s: %r", self.url.endpoint(), exc)
+        for sub in list(self._subs):
+            if sub.stream is not None and sub.stream.conn is not None:
+                sub.stream.conn.abort()
+        self._subs.clear()
+        for conn in (self._cmd, self._pubsub):
+            if conn is not None:
+                await conn.aclose()
+        self._set_connected(False)
+        self._lost.set()
+        self._fail_sync(BusClosed("the Redis transport was closed"))
+        self._fail_offline(BusClosed("the Redis transport was closed"))
+        for task in list(self._tasks):
+            task.cancel()
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    def _pack_publish(self, topic: str, data: bytes, retain: bool) -> bytes:
+        name = self._topic_bytes.get(topic)
+        if name is None:
+            if len(self._topic_bytes) >= _TOPIC_CACHE:
+                self._topic_bytes.clear()
+            name = self._topic_bytes[topic] = topic.encode()
+        return b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
+            self._head,
+            len(name),
+            name,
+            len(data),
+            data,
+            self._tail[retain],
+        )
+
+    async def publish(
+        self,
+        topic: str,
+        data: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Publish; QoS 1 returns once Redis replied (or the message is in the offline buffer).
+
+        Raises:
+            PublishError: Redis refused it (QoS 1), or the offline buffer is full (QoS 1).
+            ConnectionLost: disconnected and ``reconnect`` is off.
+        """
+        if self._closed:
+            raise BusClosed("the Redis transport is closed")
+        cmd = self._cmd
+        if self._connected and cmd is not None:
+            packed = self._pack_publish(topic, data, retain)
+            if qos:
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                cmd.send(packed, _Out(topic, data, qos, retain, fut))
+                await fut
+                return
+            cmd.send(packed, None)
+            if cmd.pending >= self._opts.max_inflight:
+                await cmd.wait_capacity(self._opts.max_inflight // 2)
+            if cmd.write_paused:
+                await cmd.wait_writable()
+            return
+        self._buffer(topic, data, qos, retain)
+
+    def _buffer(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
+        if not self._opts.reconnect:
+            self.stats.drop(DropReason.DISCONNECTED)
+            raise ConnectionLost(f"not connected to {self.url.endpoint()} and reconnect is off")
+        if len(self._offline) >= self._opts.offline_buffer:
+            if qos == 0:
+                self.stats.drop(DropReason.OFFLINE_OVERFLOW)
+                return
+            raise PublishError(
+                f"offline buffer full ({self._opts.offline_buffer} messages) while "
+                f"disconnected from {self.url.endpoint()}; QoS {qos} message for {topic!r} "
+                "not accepted",
+                topic=topic,
+            )
+        self._offline.append(_Out(topic, data, qos, retain, None))
+
+    def _on_reply(self, waiter: Any, reply: Any) -> None:
+        """A reply for a QoS 1 publish (an `_Out`)."""
+        if not isinstance(waiter, _Out):
+            return
+        if type(reply) is ReplyError:
+            if reply.code == "NOSCRIPT":
+                self._spawn(self._reload_and_resend(waiter), "reload-script")
+                return
+            error = PublishError(
+                f"{self.url.endpoint()} refused the message for {waiter.topic!r}: {reply}",
+                topic=waiter.topic,
+            )
+            if waiter.future is None or waiter.future.done():
+                self.stats.drop(DropReason.PUBLISH_FAILED)
+                log.warning("%s", error)
+            waiter.settle(error)
+            return
+        waiter.settle()
+
+    def _on_orphan(self, error: ReplyError) -> None:
+        """An error reply to a command nobody awaited (a QoS 0 publish, an ack)."""
+        self.stats.drop(DropReason.PUBLISH_FAILED)
+        if error.code == "NOSCRIPT":
+            self._spawn(self._reload_script(), "reload-script")
+        if not self._reported_failure:
+            self._reported_failure = True
+            log.warning(
+                "%s refused a command (counted in stats().dropped['publish_failed']; "
+                "further failures are not logged): %s",
+                self.url.endpoint(),
+                error,
+            )
+
+    async def _reload_script(self) -> None:
+        cmd = self._cmd
+        if cmd is not None and not cmd.lost:
+            with_sha = await cmd.call(b"SCRIPT", b"LOAD", SCRIPT)
+            self._set_sha(with_sha)
+
+    async def _reload_and_resend(self, out: _Out) -> None:
+        try:
+            await self._reload_script()
+        except (RespLost, ReplyError) as exc:
+            out.settle(PublishError(f"publish to {out.topic!r} failed: {exc}", topic=out.topic))
+            return
+        cmd = self._cmd
+        if cmd is not None and self._connected:
+            cmd.send(self._pack_publish(out.topic, out.data, out.retain), out)
+        else:
+            self._offline.appendleft(out)
+            out.settle()
+
+    def _script_packed(self, op: bytes, *args: bytes) -> bytes:
+        return pack(b"EVALSHA", self._sha, b"0", op, self._prefix, *args)
+
+    async def _script(self, op: bytes, *args: bytes) -> Any:
+        """Run one script operation on the command connection (reloading it once if needed)."""
+        for attempt in (1, 2):
+            cmd = self._cmd
+            if cmd is None or cmd.lost:
+                raise ConnectionLost(f"not connected to {self.url.endpoint()}")
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            cmd.send(self._script_packed(op, *args), fut)
+            try:
+                return await fut
+            except ReplyError as exc:
+                if exc.code != "NOSCRIPT" or attempt == 2:
+                    raise
+                await self._reload_script()
+            except RespLost as exc:
+                raise ConnectionLost(str(exc)) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def flush(self, timeout: float) -> None:
+        """Wait until everything published so far was answered by Redis.
+
+        Raises:
+            TimeoutError: not done within ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            while not self._closed:
+                await self._up.wait()
+                cmd = self._cmd
+                if cmd is None:
+                    continue
+                try:
+                    await cmd.call(b"PING")  # replies come in order: all earlier ones arrived
+                    return
+                except RespLost:
+                    await self._lost.wait()
+
+    # -- pub/sub receiving -----------------------------------------------------------------------
+
+    def _on_push(self, reply: Any) -> None:
+        kind = reply[0]
+        if kind == b"message":
+            channel = reply[1]
+            if channel == self._ctl:
+                marker = reply[2]
+                self._seq = int(marker[1:]) if marker[:1] == b"r" else None
+                return
+            if channel == self._barrier_channel:
+                fut = self._barriers.pop(reply[2], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+                return
+            native = self._channels.get(channel)
+            if native is not None:
+                self._dispatch(native, channel, reply[2])
+        elif kind == b"pmessage":
+            channel = reply[2]
+            if channel.startswith(self._prefix):
+                return  # the adapter's own control channels
+            native = self._globs.get(reply[1])
+            if native is not None:
+                self._dispatch(native, channel, reply[3])
+        elif kind == b"pong":
+            fut = self._pongs.pop(reply[1], None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def _dispatch(self, native: _Native, channel: bytes, data: bytes) -> None:
+        topic = self._channel_topics.get(channel)
+        if topic is None:
+            if len(self._channel_topics) >= _TOPIC_CACHE:
+                self._channel_topics.clear()
+            topic = self._channel_topics[channel] = channel.decode("utf-8", "replace")
+        seq = self._seq
+        for flt, sub in native.routes:
+            if flt is not None and not topic_matches(flt, topic):
+                continue
+            if not sub.push(topic, data, seq):
+                self._hold_for(sub.sink)
+
+    def _hold_for(self, sink: MessageSink) -> None:
+        """Flow control: stop parsing pub/sub messages until the full sink has room again."""
+        pubsub = self._pubsub
+        if pubsub is None:
+            return
+        pubsub.hold()
+        if sink not in self._full:
+            self._full.append(sink)
+        if self._flow_task is None or self._flow_task.done():
+            self._flow_task = self._spawn(self._wait_room(pubsub), "flow-control")
+
+    async def _wait_room(self, pubsub: RespConnection) -> None:
+        while self._full:
+            await self._full[0].ready()
+            self._full.pop(0)
+        pubsub.release()
+
+    async def _pubsub_sync(self, commands: list[bytes]) -> None:
+        """Send (P)SUBSCRIBE commands, then a PING; its PONG proves they all took effect."""
+        pubsub = self._pubsub
+        if pubsub is None or pubsub.lost:
+            raise ConnectionLost(f"not connected to {self.url.endpoint()}")
+        token = b"%d" % next(self._tokens)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pongs[token] = fut
+        try:
+            for command in commands:
+                pubsub.send_raw(command)
+            pubsub.send_raw(pack(b"PING", token))
+            await fut
+        except RespLost as exc:
+            raise ConnectionLost(str(exc)) from None
+        finally:
+            self._pongs.pop(token, None)
+
+    async def _ping_pubsub(self) -> None:
+        await self._pubsub_sync([])
+
+    async def _barrier(self) -> None:
+        """PUBLISH a token to our own channel and wait for it: everything before has arrived."""
+        cmd = self._cmd
+        if cmd is None or cmd.lost:
+            raise ConnectionLost(f"not connected to {self.url.endpoint()}")
+        token = b"%d" % next(self._tokens)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barriers[token] = fut
+        try:
+            cmd.send(pack(b"PUBLISH", self._barrier_channel, token), None)
+            await fut
+        finally:
+            self._barriers.pop(token, None)
+
+    async def _snapshot(self, pattern: str) -> dict[str, tuple[int, bytes]]:
+        """Read the retained messages matching ``pattern`` with their sequence numbers."""
+        out: dict[str, tuple[int, bytes]] = {}
+        if "+" not in pattern and "#" not in pattern:
+            body, seq = await self._script(b"g", pattern.encode())
+            if body:
+                out[pattern] = (int(seq or 0), body)
+            return out
+        glob = scan_glob(pattern).encode()
+        cursor = b"0"
+        while True:
+            page = await self._script(b"s", cursor, glob, _SCAN_COUNT)
+            cursor = page[0]
+            for i in range(1, len(page), 3):
+                topic = page[i].decode("utf-8", "replace")
+                if page[i + 1] and topic_matches(pattern, topic):
+                    out[topic] = (int(page[i + 2]), page[i + 1])
+            if cursor == b"0":
+                return out
+
+    async def _drain_window(
+        self, sub: _Sub, snapshot: dict[str, tuple[int, bytes]], *, resync: bool
+    ) -> None:
+        """Deliver the snapshot (minus what the window supersedes), the window, then go live."""
+        window = sub.window
+        if window is None:
+            return
+        latest: dict[str, int] = {}
+        for item in window:
+            if item.seq is not None and item.seq > latest.get(item.topic, -1):
+                latest[item.topic] = item.seq
+        first: list[_Item] = []
+        for topic in sorted(snapshot):
+            seq, body = snapshot[topic]
+            if latest.get(topic, -1) >= seq:
+                continue  # the window holds this very message (or a newer one): delivered live
+            if resync and sub.seen.get(topic) == seq:
+                continue  # unchanged while we were away
+            first.append(_Item(topic, body, seq, retained=True))
+        if resync:
+            for topic, seen in list(sub.seen.items()):
+                if seen and topic not in snapshot and topic not in latest:
+                    first.append(_Item(topic, b"", None, retained=True))  # cleared meanwhile
+                    sub.seen[topic] = 0
+        window.extendleft(reversed(first))
+        sink = sub.sink
+        while window and not sub.closed:
+            item = window.popleft()
+            if item.seq is not None:
+                sub.seen[item.topic] = item.seq if item.data else 0
+            message = Message(
+                item.topic, item.data, None, retained=item.retained, qos=sub.qos, ack=item.ack
+            )
+            if not sink.deliver(message):
+                await sink.ready()
+        sub.window = None
+
+    # -- subscribing -----------------------------------------------------------------------------
+
+    async def _wait_up(self) -> None:
+        if self._closed:
+            raise BusClosed("the Redis transport is closed")
+        if not self._connected:
+            await self._up.wait()
+        if self._closed:
+            raise BusClosed("the Redis transport is closed")
+
+    async def subscribe(
+        self,
+        pattern: str,
+        sink: MessageSink,
+        *,
+        qos: int = 0,
+        queue: str | None = None,
+    ) -> TransportSubscription:
+        """Subscribe; retained messages matching are delivered before this returns.
+
+        QoS 0 without a queue: pub/sub. QoS 1, or any queue group: a stream route.
+
+        Raises:
+            SubscribeError: Redis refused the subscription.
+            ConnectionLost: the connection dropped while subscribing.
+        """
+        await self._wait_up()
+        sub = _Sub(pattern, sink, 1 if qos else 0, queue)
+        try:
+            if queue is None and not qos:
+                await self._subscribe_pubsub(sub)
+            else:
+                await self._subscribe_stream(sub)
+        except ReplyError as exc:
+            raise SubscribeError(
+                f"{self.url.endpoint()} refused the subscription to {pattern!r}: {exc}",
+                pattern=pattern,
+            ) from None
+        except RespLost as exc:
+            raise ConnectionLost(str(exc)) from None
+        return _Handle(self, sub)
+
+    async def _subscribe_pubsub(self, sub: _Sub) -> None:
+        sub.window = deque()
+        commands: list[bytes] = []
+        for native_sub in native_subscriptions(sub.pattern):
+            name = native_sub.name.encode()
+            table = self._channels if native_sub.kind == "s" else self._globs
+            native = table.get(name)
+            if native is None:
+                native = table[name] = _Native(native_sub.kind, name)
+                verb = b"SUBSCRIBE" if native_sub.kind == "s" else b"PSUBSCRIBE"
+                commands.append(pack(verb, name))
+            native.routes.append((native_sub.filter, sub))
+        self._subs.add(sub)
+        try:
+            await self._pubsub_sync(commands)
+            snapshot = await self._snapshot(sub.pattern)
+            await self._barrier()
+        except BaseException:
+            await self._remove(sub)
+            raise
+        await self._drain_window(sub, snapshot, resync=False)
+
+    def _stream_for(self, sub: _Sub) -> _Stream:
+        o = self._opts
+        prefix = o.prefix
+        if sub.queue is not None:
+            key = f"{prefix}q:{sub.queue}/{sub.pattern}"
+            consumer = f"{o.client_id}:{next(self._queue_consumers)}"
+            return _Stream(key.encode(), consumer.encode(), sub.pattern, sub.queue, not sub.qos)
+        # The n-th QoS 1 subscription of this client to a pattern: stable across restarts of
+        # a process with a fixed client_id, so it resumes its stream.
+        n = self._stream_names.get(sub.pattern, 0)
+        self._stream_names[sub.pattern] = n + 1
+        key = f"{prefix}s:{o.client_id}:{n}/{sub.pattern}"
+        stream = _Stream(key.encode(), b"c", sub.pattern, None, False)
+        stream.delete_on_close = not o.client_id_given
+        return stream
+
+    def _leave_args(self, stream: _Stream) -> tuple[bytes, ...]:
+        """Script arguments that end this bus's part in a stream route.
+
+        A QoS 1 subscription's own stream goes away with it. A queue member deletes its
+        consumer (unless messages are still pending with it: XAUTOCLAIM hands those on); the
+        last member of a QoS 0 group also drops the group's stream, while a QoS 1 group's stream
+        stays (durable work queue) until its lease (``stream_ttl``) runs out.
+        """
+        if stream.queue is None:
+            return (b"u", stream.key, b"1")
+        drop = b"1" if stream.noack else b"0"
+        return (b"l", stream.key, GROUP, stream.consumer, drop)
+
+    async def _register(self, stream: _Stream) -> None:
+        await self._script(
+            b"r", stream.key, GROUP, stream.pattern.encode(), str(self._ttl_ms).encode()
+        )
+
+    async def _subscribe_stream(self, sub: _Sub) -> None:
+        stream = sub.stream = self._stream_for(sub)
+        await self._register(stream)
+        replay = sub.queue is None
+        if replay:
+            sub.window = deque()
+        self._subs.add(sub)
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        stream.task = self._spawn(self._read_stream(sub, stream, ready), "stream-reader")
+        snapshot: dict[str, tuple[int, bytes]] = {}
+        try:
+            await asyncio.shield(ready)
+            if replay:
+                snapshot = await self._snapshot(sub.pattern)
+                token = b"%s:%d" % (self._id.encode(), next(self._tokens))
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                stream.barriers[token] = fut
+                cmd = self._cmd
+                if cmd is None or cmd.lost:
+                    raise ConnectionLost(f"not connected to {self.url.endpoint()}")
+                await cmd.call(b"XADD", stream.key, b"*", b"b", token)
+                await fut
+        except BaseException:
+            await self._remove(sub)
+            raise
+        await self._drain_window(sub, snapshot, resync=False)
+
+    # -- stream reading --------------------------------------------------------------------------
+
+    async def _read_stream(self, sub: _Sub, stream: _Stream, ready: asyncio.Future[None]) -> None:
+        """The reader task of one stream subscription (own connection, blocking XREADGROUP)."""
+        o = self._opts
+        claim_every = max(0.05, o.claim_idle / 2)
+        block_ms = int(min(5.0, claim_every if stream.queue else 5.0) * 1000)
+        delays = None
+        count = str(o.read_count).encode()
+        loop = asyncio.get_running_loop()
+        next_claim = loop.time() + claim_every
+        command: list[bytes | str | int] = [
+            b"XREADGROUP", b"GROUP", GROUP, stream.consumer, b"COUNT", count, b"BLOCK", block_ms,
+        ]  # fmt: skip
+        if stream.noack:
+            command.append(b"NOACK")
+        command += [b"STREAMS", stream.key, b">"]
+        try:
+            while not sub.closed:
+                conn = stream.conn
+                try:
+                    if conn is None or conn.lost:
+                        await self._wait_up()
+                        conn = stream.conn = await self._open("stream")
+                        await self._read_pending(sub, stream, conn, count)
+                        delays = None
+                    if not ready.done():
+                        ready.set_result(None)
+                    if stream.queue and not stream.noack and loop.time() >= next_claim:
+                        next_claim = loop.time() + claim_every
+                        await self._claim(sub, stream, conn, count)
+                    try:
+                        async with asyncio.timeout(block_ms / 1000 + 10.0):
+                            reply = await conn.call(*command)
+                    except TimeoutError:
+                        log.warning("%s: XREADGROUP got no answer; reconnecting", conn.name)
+                        conn.abort()
+                        continue
+                    if reply:
+                        await self._deliver_entries(sub, stream, reply[0][1], redelivered=False)
+                except (ConnectError, RespLost, ConnectionLost) as exc:
+                    if isinstance(exc, ConnectError) and not ready.done():
+                        ready.set_exception(exc)
+                        return
+                    if sub.closed or self._closing:
+                        return
+                    if stream.conn is not None:
+                        stream.conn.abort()
+                    stream.conn = None
+                    delays = delays or backoff_delays(o.reconnect_min, o.reconnect_max)
+                    await asyncio.sleep(next(delays))
+                except ReplyError as exc:
+                    if exc.code != "NOGROUP":
+                        if not ready.done():
+                            ready.set_exception(exc)
+                            return
+                        raise
+                    # The stream (or its group) vanished: a server without persistence
+                    # restarted, or the lease ran out. Register again and read on.
+                    log.info("%s: %s; registering the stream again", stream.key.decode(), exc)
+                    try:
+                        await self._register(stream)
+                    except (ConnectionLost, ReplyError) as again:
+                        log.warning("re-registering %r failed: %s", stream.key, again)
+                        delays = delays or backoff_delays(o.reconnect_min, o.reconnect_max)
+                        await asyncio.sleep(next(delays))
+        except ReplyError as exc:
+            log.error("reading %s failed: %s", stream.key.decode(), exc)
+        finally:
+            if sub.closed and stream.conn is not None:
+                stream.conn.abort()
+
+    async def _read_pending(
+        self, sub: _Sub, stream: _Stream, conn: RespConnection, count: bytes
+    ) -> None:
+        """After (re)connecting: deliver what this consumer was given but never acked."""
+        if stream.noack:
+            return
+        start = b"0"
+        while not sub.closed:
+            reply = await conn.call(
+                b"XREADGROUP", b"GROUP", GROUP, stream.consumer, b"COUNT", count,
+                b"STREAMS", stream.key, start,
+            )  # fmt: skip
+            entries = reply[0][1] if reply else []
+            if not entries:
+                return
+            await self._deliver_entries(sub, stream, entries, redelivered=True)
+            start = entries[-1][0]
+
+    async def _claim(self, sub: _Sub, stream: _Stream, conn: RespConnection, count: bytes) -> None:
+        """XAUTOCLAIM what other (dead) members left pending longer than ``claim_idle``."""
+        idle = str(int(self._opts.claim_idle * 1000)).encode()
+        reply = await conn.call(
+            b"XAUTOCLAIM", stream.key, GROUP, stream.consumer, idle, b"0-0", b"COUNT", count
+        )
+        entries = [e for e in reply[1] if e is not None]
+        if entries:
+            log.info("%s: claimed %d pending message(s)", stream.key.decode(), len(entries))
+            await self._deliver_entries(sub, stream, entries, redelivered=True)
+
+    async def _deliver_entries(
+        self, sub: _Sub, stream: _Stream, entries: list[Any], *, redelivered: bool
+    ) -> None:
+        noack = stream.noack
+        for entry_id, fields in entries:
+            if fields is None:  # trimmed away while pending: nothing to deliver
+                if not noack:
+                    self._queue_ack(stream, entry_id)
+                continue
+            if redelivered and (entry_id in stream.inflight or entry_id in stream.acking):
+                continue  # still with the handler (or its ack is on the way)
+            if fields[0] == b"b":
+                fut = stream.barriers.pop(fields[1], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+                if not noack:
+                    self._queue_ack(stream, entry_id)
+                continue
+            if fields[0] == b"t" and len(fields) >= 4:
+                topic_b, data = fields[1], fields[3]
+                seq = int(fields[5]) if len(fields) >= 6 else None
+            else:
+                values = dict(zip(fields[::2], fields[1::2], strict=False))
+                topic_b, data = values.get(b"t", b""), values.get(b"d", b"")
+                seq = int(values[b"s"]) if b"s" in values else None
+                if not topic_b:
+                    if not noack:
+                        self._queue_ack(stream, entry_id)
+                    continue
+            topic = topic_b.decode("utf-8", "replace")
+            if redelivered:
+                self.stats.duplicates += 1
+            ack = None
+            if not noack:
+                stream.inflight.add(entry_id)
+                ack = functools.partial(self._ack, stream, entry_id)
+            if not sub.push(topic, data, seq, ack):
+                await sub.sink.ready()
+
+    async def _ack(self, stream: _Stream, entry_id: bytes) -> None:
+        """Message.ack: queue an XACK (sent batched with every other ack of this iteration)."""
+        self._queue_ack(stream, entry_id)
+
+    def _queue_ack(self, stream: _Stream, entry_id: bytes) -> None:
+        stream.inflight.discard(entry_id)
+        stream.acking.add(entry_id)
+        stream.to_ack.append(entry_id)
+        self._ack_streams.add(stream)
+        self._schedule_acks()
+
+    def _schedule_acks(self) -> None:
+        if self._ack_handle is None and self._ack_streams:
+            self._ack_handle = asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_handle = None
+        cmd = self._cmd
+        if cmd is None or cmd.lost or not self._connected:
+            return  # sent after the reconnect (`_reconnect` schedules them)
+        streams, self._ack_streams = self._ack_streams, set()
+        for stream in streams:
+            ids, stream.to_ack = stream.to_ack, []
+            if not ids:
+                continue
+            fut = cmd.call(b"XACK", stream.key, GROUP, *ids)
+            fut.add_done_callback(functools.partial(self._acked, stream, ids))
+
+    def _acked(self, stream: _Stream, ids: list[bytes], fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is None:
+            stream.acking.difference_update(ids)
+            return
+        if isinstance(fut.exception(), RespLost):
+            stream.to_ack.extend(ids)  # again after the reconnect
+            self._ack_streams.add(stream)
+        else:
+            stream.acking.difference_update(ids)
+            log.warning("XACK on %s failed: %s", stream.key.decode(), fut.exception())
+
+    # -- unsubscribing ---------------------------------------------------------------------------
+
+    async def _remove(self, sub: _Sub) -> None:
+        if sub.closed and sub not in self._subs:
+            return
+        sub.closed = True
+        self._subs.discard(sub)
+        if sub.window is not None:
+            sub.window.clear()
+        stream = sub.stream
+        if stream is not None:
+            task = stream.task
+            if task is not None and task is not asyncio.current_task() and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            if stream.conn is not None:
+                stream.conn.abort()
+            if self._connected:
+                try:
+                    self._flush_acks()
+                    await self._script(*self._leave_args(stream))
+                except (ConnectionLost, ReplyError) as exc:
+                    log.debug("removing the route %r: %r", stream.key, exc)
+            return
+        unsubscribe: dict[bytes, list[bytes]] = {b"UNSUBSCRIBE": [], b"PUNSUBSCRIBE": []}
+        for native_sub in native_subscriptions(sub.pattern):
+            name = native_sub.name.encode()
+            table = self._channels if native_sub.kind == "s" else self._globs
+            native = table.get(name)
+            if native is None:
+                continue
+            native.routes = [(f, s) for f, s in native.routes if s is not sub]
+            if not native.routes:
+                del table[name]
+                verb = b"UNSUBSCRIBE" if native_sub.kind == "s" else b"PUNSUBSCRIBE"
+                unsubscribe[verb].append(name)
+        pubsub = self._pubsub
+        if pubsub is not None and not pubsub.lost:
+            for verb, names in unsubscribe.items():
+                if names:
+                    pubsub.send_raw(pack(verb, *names))
