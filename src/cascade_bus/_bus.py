@@ -300,7 +300,7 @@ class Bus:
             log.warning("close(): flush of %s failed: %r", self.url.redacted(), exc)
         subs = list(self._subs)
         await asyncio.gather(
-            *(s._shutdown(drain=left(), reason=DropReason.CLOSED) for s in subs),
+            *(s._shutdown(drain=left(), reason=DropReason.CLOSED, detach=False) for s in subs),
             return_exceptions=True,
         )
         for fut in self._replies.values():

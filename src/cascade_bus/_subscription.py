@@ -184,7 +184,7 @@ class Subscription(Generic[T]):
     def deliver(self, message: Message) -> bool:
         """Queue a message from the transport (see `MessageSink.deliver`)."""
         if self._closed:
-            self._stats.drop(DropReason.UNSUBSCRIBED)
+            self._stats.drop(self._end_reason)
             return True
         if self._filter is not None and not topic_matches(self._filter, message.topic):
             return True
@@ -459,13 +459,18 @@ class Subscription(Generic[T]):
             return
         await self._shutdown(drain=0.0, reason=DropReason.UNSUBSCRIBED)
 
-    async def _shutdown(self, *, drain: float, reason: str) -> None:
-        """Close: stop the transport side, let the handler finish (bounded), count the rest."""
+    async def _shutdown(self, *, drain: float, reason: str, detach: bool = True) -> None:
+        """Close: stop the transport side, let the handler finish (bounded), count the rest.
+
+        ``detach=False`` (the bus is closing) leaves the transport subscription for the
+        transport's own close, so durable state (persistent sessions, stream consumers) is
+        kept as after a crash instead of being removed as after `unsubscribe`.
+        """
         self._closed = True
         self._end_reason = reason
         self._bus._forget(self)
         transport_sub, self._transport_sub = self._transport_sub, None
-        if transport_sub is not None:
+        if transport_sub is not None and detach:
             try:
                 await transport_sub.unsubscribe()
             except Exception as exc:  # unsubscribing from a lost connection is not an error

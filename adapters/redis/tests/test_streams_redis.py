@@ -116,7 +116,7 @@ async def test_qos1_retained_replay_and_key_layout(redis_url, open_bus, prefix, 
     await publisher.publish(f"{prefix}/state", {"on": True}, retain=True)
     bus = await open_bus(redis_url, client_id=f"fixed-{prefix.rsplit('/', 1)[1]}")
     inbox = kit.Inbox()
-    await bus.subscribe(f"{prefix}/#", inbox, qos=1)
+    sub = await bus.subscribe(f"{prefix}/#", inbox, qos=1)
     assert inbox.payloads == [{"on": True}]
     client = aredis.Redis.from_url(redis_url, protocol=2)
     try:
@@ -129,8 +129,14 @@ async def test_qos1_retained_replay_and_key_layout(redis_url, open_bus, prefix, 
         await inbox.wait_for(2)
         assert inbox.envelopes[1].is_clear
         await bus.close()
-        # Unsubscribing (closing) removes the route and the stream; a fixed client_id only
-        # lets a process that *crashed* resume its streams (within stream_ttl).
+        # Closing keeps the stream and its route, as a crash would: a process restarted with
+        # the same client_id resumes them (within stream_ttl) ...
+        assert await client.exists(key) == 1
+        assert await client.hexists("cascade_bus:routes", key)
+        again = await open_bus(redis_url, client_id=f"fixed-{prefix.rsplit('/', 1)[1]}")
+        sub = await again.subscribe(f"{prefix}/#", kit.Inbox(), qos=1)
+        # ... and unsubscribing removes both.
+        await sub.unsubscribe()
         assert await client.exists(key) == 0
         assert not await client.hexists("cascade_bus:routes", key)
     finally:
