@@ -43,6 +43,8 @@ class SubscriptionPolicy:
         buffer_size: Messages the subscription queues before its overflow policy applies.
         overflow: ``block`` (default) holds the transport back (flow control: the memory
             broker's publisher waits, network transports stop reading, so the broker slows);
+            deliveries already under way still queue, up to a hard cap of twice
+            ``buffer_size`` (at least ``buffer_size + 64``), past which they are counted;
             ``drop_oldest`` / ``drop_newest`` never hold anyone back and count each message
             they discard in ``stats().dropped['overflow']``.
         max_concurrency: Handler calls that may run at once (default 1, which keeps FIFO

@@ -32,7 +32,7 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import aiomqtt
@@ -211,6 +211,11 @@ class MqttTransport(Transport):
         self._idle = asyncio.Event()
         self._idle.set()
         self._written = asyncio.Event()
+        # Subscriptions that reported "full" while reading: reading pauses until they have room.
+        self._full: list[MessageSink] = []
+        self._paused = False
+        self._resume_task: asyncio.Task[None] | None = None
+        self._readable: Callable[[], None] | None = None
         self._lost_cause: BaseException | None = None
         self._state_changed = asyncio.Event()
         # PUBACKs awaited by the adapter itself (presence), by mid of the current client.
@@ -308,6 +313,8 @@ class MqttTransport(Transport):
         )
 
     async def _open_client(self) -> None:
+        self._full.clear()
+        self._paused = False  # a new socket starts reading
         client = self._new_client()
         paho = client._client
         paho.on_message = self._on_message
@@ -334,6 +341,40 @@ class MqttTransport(Transport):
             loop.call_soon_threadsafe(add)
 
         paho.on_socket_register_write = register_write
+
+        # Own the socket reader too (aiomqtt's is replaced right after it registers it), so a
+        # full subscription can pause reading: TCP then holds the broker back (flow control).
+        def readable() -> None:
+            try:
+                while True:
+                    paho.loop_read()
+                    if self._full:
+                        self._pause_reading(paho)
+                        break
+                    # SSL sockets may hold decoded bytes that select() cannot see.
+                    sock = paho._sock
+                    if sock is None or not (hasattr(sock, "pending") and sock.pending() > 0):
+                        break
+            except Exception as exc:  # the connection broke while reading
+                if not client._disconnected.done():
+                    client._disconnected.set_exception(exc)
+
+        on_socket_open = paho.on_socket_open
+
+        def socket_open(_client: paho_mqtt.Client, userdata: Any, sock: Any) -> None:
+            if on_socket_open is not None:
+                on_socket_open(_client, userdata, sock)
+
+            def own() -> None:
+                current = paho.socket()
+                if current is not None and current is sock:
+                    loop.remove_reader(current.fileno())
+                    loop.add_reader(current.fileno(), readable)
+
+            loop.call_soon_threadsafe(own)
+
+        paho.on_socket_open = socket_open
+        self._readable = readable
         # Learn when paho has written everything it queued (flush, QoS 0 flow control).
         unregister = paho.on_socket_unregister_write
 
@@ -540,6 +581,10 @@ class MqttTransport(Transport):
         if supervisor is not None and not supervisor.done():
             supervisor.cancel()
             await asyncio.gather(supervisor, return_exceptions=True)
+        resume = self._resume_task
+        if resume is not None and not resume.done():  # read again: acks must come in
+            resume.cancel()
+            await asyncio.gather(resume, return_exceptions=True)
         presence = self._opts.presence_topic
         if presence and self._connected and self._paho is not None:
             # A clean DISCONNECT suppresses the will, so say "offline" ourselves first.
@@ -734,24 +779,55 @@ class MqttTransport(Transport):
             return
         window = self._window
         if retained and window is not None:
-            if window.fresh is not None and topic_matches(window.pattern, topic):
-                window.fresh.deliver(message)
+            fresh = window.fresh
+            if (
+                fresh is not None
+                and topic_matches(window.pattern, topic)
+                and not fresh.deliver(message)
+            ):
+                self._full.append(fresh)
             return
         for entry in self._entries.values():
             if topic_matches(entry.pattern, topic):
                 self._deliver(entry, message, retained)
 
-    @staticmethod
-    def _deliver(entry: _Entry, message: Message, retained: bool) -> None:
+    def _pause_reading(self, paho: paho_mqtt.Client) -> None:
+        """Stop reading from the broker until every full subscription has room again."""
+        sock = paho.socket()
+        if sock is None or self._paused:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())
+        self._paused = True
+        full, self._full = self._full, []
+        self._resume_task = loop.create_task(
+            self._resume_reading(paho, sock, full), name="cascade_bus.mqtt.resume"
+        )
+
+    async def _resume_reading(
+        self, paho: paho_mqtt.Client, sock: Any, full: list[MessageSink]
+    ) -> None:
+        try:
+            for sink in full:
+                await sink.ready()  # bounded by the bus's flow_timeout
+        finally:
+            self._paused = False
+            current = paho.socket()
+            if current is not None and current is sock and self._readable is not None:
+                asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def _deliver(self, entry: _Entry, message: Message, retained: bool) -> None:
         if retained:
             if entry.queue is not None:
                 return  # Mosquitto replays retained to shared subscriptions; the bus does not
             fresh = entry.fresh
             if fresh is not None:
-                fresh.deliver(message)
+                if not fresh.deliver(message):
+                    self._full.append(fresh)
                 return
         for sink in entry.sinks:
-            sink.deliver(message)
+            if not sink.deliver(message):
+                self._full.append(sink)
 
     # -- subscribing ---------------------------------------------------------------------------
 
