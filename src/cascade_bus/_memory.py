@@ -195,9 +195,10 @@ class MemoryTransport(Transport):
         if retain:
             broker.set_retained(topic, data, headers)
         route = broker._routes.get(topic) or broker.route(topic)
-        if qos and not route.plain and not route.groups:
+        if qos and not retain and not route.plain and not route.groups:
             # At QoS >= 1 the publisher expects someone to get it: say nobody did (counted;
-            # the message still counts as published, as a broker would accept it).
+            # the message still counts as published, as a broker would accept it). A retained
+            # message is kept for the next subscriber, so it is not lost.
             self.stats.drop(DropReason.NO_SUBSCRIBER)
         message = (
             Message(topic, data, headers) if not qos else Message(topic, data, headers, qos=qos)

@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 import socket
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -332,13 +333,32 @@ class MqttTransport(Transport):
                 if not client._disconnected.done():
                     client._disconnected.set_exception(exc)
 
-        def register_write(_client: paho_mqtt.Client, userdata: Any, sock: Any) -> None:
-            def add() -> None:
-                current = paho.socket()
-                if current is not None and current is sock:
-                    loop.add_writer(current.fileno(), writable)
+        # paho asks for this once per burst (until it has written everything it queued). From
+        # our own thread (every publish, PUBACKs while reading) the packets are written at the
+        # next turn of the loop, which also gathers a burst of publishes into one pass; only if
+        # the socket cannot take them all does the loop watch it for writing. No
+        # call_soon_threadsafe (a self-pipe write and wakeup) and no add/remove_writer
+        # (two epoll_ctl) per publish, as aiomqtt does.
+        loop_thread = threading.get_ident()
 
-            loop.call_soon_threadsafe(add)
+        def add(sock: Any) -> None:
+            current = paho.socket()
+            if current is not None and current is sock:
+                loop.add_writer(current.fileno(), writable)
+
+        def write_soon(sock: Any) -> None:
+            current = paho.socket()
+            if current is None or current is not sock:
+                return
+            writable()
+            if paho.want_write():  # the socket is full: wait until it drains
+                loop.add_writer(current.fileno(), writable)
+
+        def register_write(_client: paho_mqtt.Client, userdata: Any, sock: Any) -> None:
+            if threading.get_ident() == loop_thread:
+                loop.call_soon(write_soon, sock)
+            else:  # the CONNECT packet, queued by aiomqtt's connect in an executor thread
+                loop.call_soon_threadsafe(add, sock)
 
         paho.on_socket_register_write = register_write
 
@@ -710,7 +730,7 @@ class MqttTransport(Transport):
                     )
                 )
             else:
-                if reason_code.value == _NO_MATCHING_SUBSCRIBERS:
+                if reason_code.value == _NO_MATCHING_SUBSCRIBERS and not out.retain:
                     # Accepted, but the broker says nobody subscribes: count it (QoS >= 1).
                     self.stats.drop(DropReason.NO_SUBSCRIBER)
                 out.settle()
