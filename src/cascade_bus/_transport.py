@@ -9,15 +9,17 @@ under the ``cascade_bus.transports`` entry-point group, exactly as the first-par
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, Protocol, Self
 
 from ._capabilities import Capabilities
+from ._errors import BusClosed
 from ._stats import StatsRecorder
 from ._topics import IdentityMapper, TopicMapper
 from ._url import BusURL
 
-__all__ = ["Message", "MessageSink", "Transport", "TransportSubscription"]
+__all__ = ["Message", "MessageSink", "NetworkTransport", "Transport", "TransportSubscription"]
 
 
 class Message:
@@ -192,3 +194,52 @@ class Transport(abc.ABC):
     def max_payload(self) -> int | None:
         """Largest body this connection accepts, in bytes (None: no limit)."""
         return self.capabilities.max_payload
+
+
+class NetworkTransport(Transport):
+    """A `Transport` over a connection that can drop: connection state and event-driven waits.
+
+    Subclasses call `_set_connected` from their supervisor when the connection goes up or
+    down, set ``_closed`` in `aclose`, and get `connected`, `wait_connected` and
+    `wait_disconnected` (used by health checks and fault tests) for free.
+    """
+
+    def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
+        super().__init__(url, options)
+        self._connected = False
+        self._closed = False
+        self._up = asyncio.Event()
+        self._state_changed = asyncio.Event()
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection to the broker is up (False while reconnecting)."""
+        return self._connected
+
+    async def wait_connected(self, *, reconnects: int = 0) -> None:
+        """Wait until connected and ``stats.reconnects >= reconnects`` (tests, health checks).
+
+        Bound it with ``asyncio.timeout``.
+
+        Raises:
+            BusClosed: the transport was closed.
+        """
+        while not (self._connected and self.stats.reconnects >= reconnects):
+            if self._closed:
+                raise BusClosed(f"the {self.url.scheme}:// transport is closed")
+            await self._state_changed.wait()
+
+    async def wait_disconnected(self) -> None:
+        """Wait until the transport noticed its connection is gone (or it was closed)."""
+        while self._connected:
+            await self._state_changed.wait()
+
+    def _set_connected(self, up: bool) -> None:
+        """For subclasses: record the connection going up or down and wake every waiter."""
+        self._connected = up
+        if up:
+            self._up.set()
+        else:
+            self._up.clear()
+        changed, self._state_changed = self._state_changed, asyncio.Event()
+        changed.set()

@@ -10,7 +10,7 @@ from ._backoff import backoff_delays
 from ._capabilities import Capabilities
 from ._stats import DropReason, StatsRecorder
 from ._topics import IdentityMapper, TopicMapper, topic_matches
-from ._transport import Message, MessageSink, Transport, TransportSubscription
+from ._transport import Message, MessageSink, NetworkTransport, Transport, TransportSubscription
 from ._url import BusURL, parse_bool, parse_float, parse_int
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "IdentityMapper",
     "Message",
     "MessageSink",
+    "NetworkTransport",
     "StatsRecorder",
     "TopicMapper",
     "Transport",

@@ -58,7 +58,7 @@ from cascade_bus.spi import (
     DropReason,
     Message,
     MessageSink,
-    Transport,
+    NetworkTransport,
     TransportSubscription,
     backoff_delays,
     topic_matches,
@@ -77,6 +77,7 @@ RESERVED_PREFIX = "_cascade_bus/"
 _MAX_PAYLOAD = 268_435_455  # MQTT's largest remaining length
 _OUT_HIGH = 2048  # paho packets waiting for the socket before a QoS 0 publisher yields
 _BARRIER_ID = 1
+_COALESCE_BYTES = 64 * 1024  # at most this much of paho's queue goes into one send
 _NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK/PUBREC reason code (a success code)
 
 _V5_CAPS = Capabilities(
@@ -124,6 +125,69 @@ class _Outgoing:
                 fut.set_exception(error)
 
 
+class _PublishedInfos:
+    """Completes the QoS 0 publishes merged into one write (see `_coalesce`)."""
+
+    __slots__ = ("infos",)
+
+    def __init__(self, infos: list[paho_mqtt.MQTTMessageInfo]) -> None:
+        self.infos = infos
+
+    def _set_as_published(self) -> None:
+        for info in self.infos:
+            info._set_as_published()
+
+
+def _coalesce(out: deque[Any]) -> None:
+    """Merge the packets paho queued into one buffer, so that a burst costs one ``send``.
+
+    paho writes each packet with its own ``send`` call (with TCP_NODELAY, its own TCP
+    segment too), and on loopback that system call is the largest single cost of a publish.
+    After a packet is fully written paho does something for two kinds only: a QoS 0 PUBLISH
+    (``on_publish`` and its ``MQTTMessageInfo`` marked published) and DISCONNECT. So packets up
+    to the first DISCONNECT become one QoS 0 PUBLISH entry with mid 0 (never a real one: paho
+    numbers from 1), whose completion marks every merged QoS 0 publish published; our
+    ``_on_publish`` ignores mid 0. A packet already partly written keeps its position; a
+    burst stops at ``_COALESCE_BYTES`` so a retry after a short write copies little.
+    """
+    parts: list[bytes | bytearray | memoryview] = []
+    infos: list[paho_mqtt.MQTTMessageInfo] = []
+    size = 0
+    taken = 0
+    for packet in out:
+        if packet["command"] & 0xF0 == paho_mqtt.DISCONNECT:
+            break
+        data = packet["packet"]
+        pos = packet["pos"]
+        chunk = memoryview(data)[pos:] if pos else data
+        if taken and size + len(chunk) > _COALESCE_BYTES:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+        taken += 1
+        if packet["command"] & 0xF0 == paho_mqtt.PUBLISH and packet["qos"] == 0:
+            info = packet["info"]
+            if info is not None:
+                infos.append(info)
+    if taken < 2:
+        return
+    for _ in range(taken):
+        out.popleft()
+    merged = b"".join(parts)
+    out.appendleft(
+        {
+            # Completed as a QoS 0 PUBLISH only when it carries some (on_publish, mid 0).
+            "command": paho_mqtt.PUBLISH if infos else 0,
+            "mid": 0,
+            "qos": 0,
+            "pos": 0,
+            "to_process": len(merged),
+            "packet": merged,
+            "info": _PublishedInfos(infos),
+        }
+    )
+
+
 class _Entry:
     """One subscription at the broker (a filter, or ``$share/<queue>/<filter>``) and its sinks."""
 
@@ -160,7 +224,7 @@ class _Handle(TransportSubscription):
         await self.transport._remove(self.entry, self.sink)
 
 
-class MqttTransport(Transport):
+class MqttTransport(NetworkTransport):
     """``mqtt://[user:pass@]host[:1883]`` and ``mqtts://`` (TLS) through aiomqtt.
 
     Options (URL query or keyword): ``client_id``, ``version`` (``5`` default, or ``3.1.1``),
@@ -194,10 +258,7 @@ class MqttTransport(Transport):
             self.capabilities = _V311_CAPS
         self._client: aiomqtt.Client | None = None
         self._paho: paho_mqtt.Client | None = None
-        self._connected = False
-        self._up = asyncio.Event()
         self._closing = False
-        self._closed = False
         self._supervisor: asyncio.Task[None] | None = None
         self._entries: dict[str, _Entry] = {}
         self._by_id: dict[int, _Entry] = {}
@@ -218,45 +279,12 @@ class MqttTransport(Transport):
         self._resume_task: asyncio.Task[None] | None = None
         self._readable: Callable[[], None] | None = None
         self._lost_cause: BaseException | None = None
-        self._state_changed = asyncio.Event()
         # PUBACKs awaited by the adapter itself (presence), by mid of the current client.
         self._control: dict[int, asyncio.Future[None]] = {}
 
     def __repr__(self) -> str:
         state = "connected" if self._connected else "disconnected"
         return f"<MqttTransport {self.url.redacted()} {state}>"
-
-    @property
-    def connected(self) -> bool:
-        """True while a connection to the broker is up (False while reconnecting)."""
-        return self._connected
-
-    async def wait_connected(self, *, reconnects: int = 0) -> None:
-        """Wait until connected and ``stats.reconnects >= reconnects`` (for tests, health checks).
-
-        Bound it with ``asyncio.timeout``.
-
-        Raises:
-            BusClosed: the transport was closed.
-        """
-        while not (self._connected and self.stats.reconnects >= reconnects):
-            if self._closed:
-                raise BusClosed("the MQTT transport is closed")
-            await self._state_changed.wait()
-
-    async def wait_disconnected(self) -> None:
-        """Wait until the transport noticed the connection is gone (or it was closed)."""
-        while self._connected:
-            await self._state_changed.wait()
-
-    def _set_connected(self, up: bool) -> None:
-        self._connected = up
-        if up:
-            self._up.set()
-        else:
-            self._up.clear()
-        changed, self._state_changed = self._state_changed, asyncio.Event()
-        changed.set()
 
     def presence_payload(self, online: bool) -> bytes:
         """The retained body on ``presence_topic``: ``{"online": <bool>, "client_id": <id>}``."""
@@ -328,6 +356,8 @@ class MqttTransport(Transport):
         # reused by the next connection. Register only while the socket is still paho's.
         def writable() -> None:
             try:
+                if len(paho._out_packet) > 1:
+                    _coalesce(paho._out_packet)
                 paho.loop_write()
             except Exception as exc:  # a broken pipe: the connection is gone
                 if not client._disconnected.done():

@@ -74,7 +74,7 @@ from cascade_bus.spi import (
     DropReason,
     Message,
     MessageSink,
-    Transport,
+    NetworkTransport,
     TransportSubscription,
     backoff_delays,
     topic_matches,
@@ -238,7 +238,7 @@ class _Handle(TransportSubscription):
         await self.transport._remove(self.sub)
 
 
-class RedisTransport(Transport):
+class RedisTransport(NetworkTransport):
     """``redis://[user:pass@]host[:6379][/db]`` and ``rediss://`` (TLS).
 
     Options (URL query or keyword): ``db`` (or the URL path), ``username``/``password`` (or the
@@ -286,12 +286,8 @@ class RedisTransport(Transport):
         self._channel_topics: dict[bytes, str] = {}
         self._cmd: RespConnection | None = None
         self._pubsub: RespConnection | None = None
-        self._up = asyncio.Event()
-        self._connected = False
-        self._state_changed = asyncio.Event()
         self._lost = asyncio.Event()
         self._closing = False
-        self._closed = False
         self._supervisor: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._offline: deque[_Out] = deque()
@@ -318,11 +314,6 @@ class RedisTransport(Transport):
     # -- small public helpers (tests, health checks) ---------------------------------------------
 
     @property
-    def connected(self) -> bool:
-        """True while the command and pub/sub connections are up."""
-        return self._connected
-
-    @property
     def client_id(self) -> str:
         """The id naming this bus's QoS 1 streams and stream consumers."""
         return self._opts.client_id
@@ -336,31 +327,6 @@ class RedisTransport(Transport):
     def max_payload(self) -> int | None:
         """Largest body accepted (option ``max_payload``, 8 MiB by default)."""
         return self._opts.max_payload
-
-    async def wait_connected(self, *, reconnects: int = 0) -> None:
-        """Wait until connected and ``stats.reconnects >= reconnects`` (bound it yourself).
-
-        Raises:
-            BusClosed: the transport was closed.
-        """
-        while not (self._connected and self.stats.reconnects >= reconnects):
-            if self._closed:
-                raise BusClosed("the Redis transport is closed")
-            await self._state_changed.wait()
-
-    async def wait_disconnected(self) -> None:
-        """Wait until the transport noticed that its connection is gone (or it was closed)."""
-        while self._connected:
-            await self._state_changed.wait()
-
-    def _set_connected(self, up: bool) -> None:
-        self._connected = up
-        if up:
-            self._up.set()
-        else:
-            self._up.clear()
-        changed, self._state_changed = self._state_changed, asyncio.Event()
-        changed.set()
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
