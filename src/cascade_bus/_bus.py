@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Self, TypeVar, overload
 
 from ._codec import Codec, WireFormat, check_format, decoder_for
@@ -175,7 +175,13 @@ class Bus:
         self._inbox_lock: asyncio.Lock | None = None
         self._replies: dict[str, asyncio.Future[Envelope[Any]]] = {}
         self._report_overflow = True
+        self._background: set[asyncio.Task[None]] = set()  # acks of dropped messages
         self._raw_headers = self._format == "raw" and self.capabilities.headers
+        static = {"ce-specversion": "1.0", "ce-source": self._codec.source}
+        self._raw_static_headers: Mapping[str, str] = MappingProxyType(static)
+        self._raw_octet_headers: Mapping[str, str] = MappingProxyType(
+            {**static, "content-type": "application/octet-stream"}
+        )
         self._plain_json = self._format == "json"
         # memory:// takes envelopes instead of bodies: each subscription copies the payload.
         self._publish_local: Callable[..., Awaitable[None] | None] | None = (
@@ -446,8 +452,8 @@ class Bus:
         else:
             try:
                 pending = nowait(topic, data, qos, retain, native)
-            except BusError:
-                self._stats.drop(DropReason.PUBLISH_FAILED)
+            except BusError as exc:
+                self._stats.drop(_reason_for(exc))
                 raise
             if pending is None:  # delivered synchronously
                 self._stats.published += 1
@@ -499,14 +505,8 @@ class Bus:
                     await pending
             else:
                 await pending
-        except ConnectionLost:
-            self._stats.drop(DropReason.DISCONNECTED)
-            raise
-        except PublishError as exc:
-            self._stats.drop(exc.reason or DropReason.PUBLISH_FAILED)
-            raise
-        except BusError:
-            self._stats.drop(DropReason.PUBLISH_FAILED)
+        except BusError as exc:
+            self._stats.drop(_reason_for(exc))
             raise
         except TimeoutError:
             self._stats.drop(DropReason.PUBLISH_FAILED)
@@ -536,6 +536,12 @@ class Bus:
         codec = self._codec
         if self._format == "raw":
             if self._raw_headers:
+                if env is None and not (headers or correlation_id or reply_to or type):
+                    # No per-message metadata: the bare body plus constant headers built once
+                    # (the receiver makes up id and time); bytes say so to stay bytes.
+                    if isinstance(payload, bytes):
+                        return payload, self._raw_octet_headers
+                    return codec.encode_payload(payload), self._raw_static_headers
                 if env is None:
                     env = codec.envelope(
                         topic, payload, headers=headers, correlation_id=correlation_id,
@@ -903,6 +909,17 @@ class Bus:
         """Return a snapshot of the counters (published, delivered, dropped by reason, ...)."""
         buffered = sum(s.pending for s in self._subs) + getattr(self.transport, "buffered", 0)
         return self._stats.snapshot(buffered=buffered)
+
+
+def _reason_for(error: BusError) -> str:
+    """The loss-ledger reason for a publish the transport refused with ``error``."""
+    if isinstance(error, ConnectionLost):
+        return DropReason.DISCONNECTED
+    if isinstance(error, PayloadTooLarge):
+        return DropReason.PAYLOAD_TOO_LARGE
+    if isinstance(error, PublishError) and error.reason:
+        return error.reason
+    return DropReason.PUBLISH_FAILED
 
 
 def connect(url: str | BusURL, *, on_error: ErrorHook | None = None, **options: Any) -> Bus:

@@ -187,16 +187,19 @@ class Subscription(Generic[T]):
         """Queue a message from the transport (see `MessageSink.deliver`)."""
         if self._closed:
             self._stats.drop(self._end_reason)
+            self._release(message)
             return True
         if self._filter is not None and not topic_matches(self._filter, message.topic):
+            self._release(message)
             return True
         buf = self._buf
         if len(buf) >= self._cap:
             self._stats.drop(DropReason.OVERFLOW)
             self._warn_overflow()
             if self._overflow != "drop_oldest":
+                self._release(message)
                 return self._overflow == "drop_newest"
-            buf.popleft()
+            self._release(buf.popleft())
             self._processed += 1  # the discarded one will never be handled
         buf.append(message)
         self._received += 1
@@ -206,6 +209,16 @@ class Subscription(Generic[T]):
             if not waiter.done():
                 waiter.set_result(None)
         return len(buf) < self._high or self._overflow != "block"
+
+    def _release(self, message: Message) -> None:
+        """Acknowledge a message this subscription will not handle (it was dropped, counted).
+
+        Without the ack an at-least-once transport would keep it in flight forever and stall.
+        """
+        if message.ack is not None:
+            task = asyncio.get_running_loop().create_task(self._ack(message))
+            self._bus._background.add(task)
+            task.add_done_callback(self._bus._background.discard)
 
     def _warn_overflow(self) -> None:
         if self._bus._report_overflow:
@@ -492,8 +505,16 @@ class Subscription(Generic[T]):
             for job in running:
                 job.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+        pending, self._pending_ack = self._pending_ack, None
+        if pending is not None:  # handed to an iterating consumer: it was handled
+            await self._ack(pending)
         if self._buf:
             self._stats.drop(reason, len(self._buf))
+            if reason != DropReason.CLOSED:
+                # Unsubscribed on a live connection: release them. On close they stay
+                # unacknowledged so a persistent session gets them again.
+                for message in self._buf:
+                    self._release(message)
             self._buf.clear()
         self._wake()
         room = self._room

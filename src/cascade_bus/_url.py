@@ -11,6 +11,13 @@ from ._errors import InvalidURL
 __all__ = ["BusURL"]
 
 _MASK = "[secure]"
+#: Query options whose values are secrets: masked like the password.
+SECRET_OPTIONS = frozenset(
+    {"password", "pass", "passwd", "token", "auth_token", "access_token", "secret",
+     "api_key", "apikey", "nkey", "seed", "jwt", "credentials"}
+)  # fmt: skip
+#: Schemes whose bare user name (``scheme://NAME@host``, no password) is a token (NATS).
+SECRET_USERNAME_SCHEMES = frozenset({"nats", "tls"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -111,10 +118,13 @@ class BusURL:
         """The path without its leading slash, or the bare host for ``memory://name``."""
         return self.path.lstrip("/")
 
-    def _render(self, password: str | None) -> str:
+    def _render(self, password: str | None, *, masked: bool = False) -> str:
         out = self.scheme + "://"
         if self.username is not None or password is not None:
-            out += quote(self.username or "", safe="")
+            user = self.username or ""
+            if masked and password is None and self.scheme in SECRET_USERNAME_SCHEMES:
+                user = _MASK  # nats://TOKEN@host: the "user name" is the token
+            out += quote(user, safe="[]") if user == _MASK else quote(user, safe="")
             if password is not None:
                 out += ":" + password
             out += "@"
@@ -125,13 +135,15 @@ class BusURL:
         out += self.path
         if self.options:
             out += "?" + "&".join(
-                f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in self.options.items()
+                f"{quote(k, safe='')}="
+                + (_MASK if masked and k.lower() in SECRET_OPTIONS else quote(v, safe=""))
+                for k, v in self.options.items()
             )
         return out
 
     def redacted(self) -> str:
         """The URL with the password replaced by ``[secure]``; safe for logs and errors."""
-        return self._render(_MASK if self._password is not None else None)
+        return self._render(_MASK if self._password is not None else None, masked=True)
 
     def unmasked(self) -> str:
         """The URL including the password; only for handing to a client library."""

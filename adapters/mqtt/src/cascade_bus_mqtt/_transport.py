@@ -188,6 +188,43 @@ def _coalesce(out: deque[Any]) -> None:
     )
 
 
+class _Ack:
+    """Acknowledges one received QoS>=1 message once every local subscription handled it.
+
+    With paho's manual acks the PUBACK (PUBCOMP for QoS 2) leaves only after the handlers ran,
+    so a crash before that makes the broker send the message again (at least once, end to end),
+    and unacknowledged messages count against the broker's in-flight window (flow control).
+    """
+
+    __slots__ = ("mid", "paho", "pending", "qos", "transport")
+
+    def __init__(
+        self, transport: MqttTransport, paho: paho_mqtt.Client, mid: int, qos: int
+    ) -> None:
+        self.transport = transport
+        self.paho = paho
+        self.mid = mid
+        self.qos = qos
+        self.pending = 0
+
+    def expect(self, count: int) -> None:
+        """Set how many subscriptions will ack; with none, acknowledge right away."""
+        self.pending += count
+        if self.pending <= 0:
+            self._send()
+
+    async def __call__(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            self._send()
+
+    def _send(self) -> None:
+        # A message from an older connection cannot be acknowledged on the new one: the
+        # broker resends it (a counted duplicate) instead.
+        if self.transport._paho is self.paho:
+            self.paho.ack(self.mid, self.qos)
+
+
 class _Entry:
     """One subscription at the broker (a filter, or ``$share/<queue>/<filter>``) and its sinks."""
 
@@ -348,6 +385,7 @@ class MqttTransport(NetworkTransport):
         paho = client._client
         paho.on_message = self._on_message
         paho.on_publish = self._on_publish
+        paho.manual_ack_set(True)  # PUBACK after the handlers ran (see _Ack)
         loop = asyncio.get_running_loop()
 
         # aiomqtt registers the socket for writing through call_soon_threadsafe; when the
@@ -803,6 +841,8 @@ class MqttTransport(NetworkTransport):
     ) -> None:
         topic = msg.topic
         if topic.startswith(RESERVED_PREFIX):
+            if msg.qos:
+                client.ack(msg.mid, msg.qos)
             if topic == self._barrier_topic:
                 fut = self._barriers.pop(bytes(msg.payload), None)
                 if fut is not None and not fut.done():
@@ -820,26 +860,32 @@ class MqttTransport(NetworkTransport):
         if msg.dup:
             self.stats.duplicates += 1  # a redelivery: the broker never saw our PUBACK
         retained = bool(msg.retain)
-        message = Message(topic, bytes(msg.payload), headers, retained=retained, qos=msg.qos)
+        ack = _Ack(self, client, msg.mid, msg.qos) if msg.qos else None
+        message = Message(
+            topic, bytes(msg.payload), headers, retained=retained, qos=msg.qos, ack=ack
+        )
+        delivered = 0
         if ids:
             for sub_id in ids:
                 entry = self._by_id.get(sub_id)
                 if entry is not None:
-                    self._deliver(entry, message, retained)
-            return
-        window = self._window
-        if retained and window is not None:
-            fresh = window.fresh
-            if (
-                fresh is not None
-                and topic_matches(window.pattern, topic)
-                and not fresh.deliver(message)
-            ):
-                self._full.append(fresh)
-            return
-        for entry in self._entries.values():
-            if topic_matches(entry.pattern, topic):
-                self._deliver(entry, message, retained)
+                    delivered += self._deliver(entry, message, retained)
+        elif retained and self._window is not None:
+            fresh = self._window.fresh
+            if fresh is not None and topic_matches(self._window.pattern, topic):
+                delivered = 1
+                if not fresh.deliver(message):
+                    self._full.append(fresh)
+        else:
+            for entry in self._entries.values():
+                if topic_matches(entry.pattern, topic):
+                    delivered += self._deliver(entry, message, retained)
+        if not delivered:
+            # Nothing here subscribes to it (a resumed session delivering before subscribe(),
+            # or a subscription just removed): counted, and acknowledged so it is not resent.
+            self.stats.drop(DropReason.NO_SUBSCRIBER)
+        if ack is not None:
+            ack.expect(delivered)
 
     def _pause_reading(self, paho: paho_mqtt.Client) -> None:
         """Stop reading from the broker until every full subscription has room again."""
@@ -866,18 +912,20 @@ class MqttTransport(NetworkTransport):
             if current is not None and current is sock and self._readable is not None:
                 asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
-    def _deliver(self, entry: _Entry, message: Message, retained: bool) -> None:
+    def _deliver(self, entry: _Entry, message: Message, retained: bool) -> int:
+        """Hand a message to an entry's sinks; return how many took it (each will ack once)."""
         if retained:
             if entry.queue is not None:
-                return  # Mosquitto replays retained to shared subscriptions; the bus does not
+                return 0  # Mosquitto replays retained to shared subscriptions; the bus does not
             fresh = entry.fresh
             if fresh is not None:
                 if not fresh.deliver(message):
                     self._full.append(fresh)
-                return
+                return 1
         for sink in entry.sinks:
             if not sink.deliver(message):
                 self._full.append(sink)
+        return len(entry.sinks)
 
     # -- subscribing ---------------------------------------------------------------------------
 
