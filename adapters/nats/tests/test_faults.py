@@ -1,0 +1,280 @@
+"""Fault tests on a private nats-server: restarts, outages, a lost JetStream store, cut links.
+
+Each test starts its own server on a free port (never the shared 4222), with JetStream storing
+into the broker's work directory, which survives ``arestart()``. Waits are bounded and
+event-driven: a handler call, a transport state change (`NatsTransport.wait_connected`,
+`wait_disconnected`, `wait_jetstream`) or a server process that finished starting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from typing import Any
+
+import pytest
+
+import cascade_bus
+from cascade_bus import ConnectionLost, DropReason
+
+pytestmark = [pytest.mark.fault, pytest.mark.nats]
+
+PUBLISHERS = 10
+PER_PUBLISHER = 1_000
+
+
+async def test_10k_qos1_messages_survive_two_server_restarts(
+    private_nats, unique_topic, kit, buses, api
+):
+    """10 publishers x 1,000 QoS-1 messages, the server restarted twice: every message arrives.
+
+    The subscriber's durable consumer lives in the server's file store and survives the
+    restarts; what was pushed but never acked is redelivered after ``ack_wait`` (counted in
+    ``stats.duplicates``); publishers resend what was never acknowledged (the stream's
+    duplicate window drops the copies it already has).
+    """
+    broker = private_nats()
+    total = PUBLISHERS * PER_PUBLISHER
+    seen: set[tuple[int, int]] = set()
+    dups_seen = 0
+    restart_marks = {2_500: asyncio.Event(), 6_000: asyncio.Event(), total: asyncio.Event()}
+
+    def record(env: cascade_bus.Envelope[Any]) -> None:
+        nonlocal dups_seen
+        key = (env.payload["p"], env.payload["s"])
+        if key in seen:
+            dups_seen += 1
+            return
+        seen.add(key)
+        reached = restart_marks.get(len(seen))
+        if reached is not None:
+            reached.set()
+
+    sub = cascade_bus.connect(broker.url, ack_wait=1.0, **kit.FAST_RECONNECT)
+    buses.append(sub)
+    await sub.open()
+    await sub.subscribe(f"{unique_topic}/#", record, qos=1)
+
+    pubs = [cascade_bus.connect(broker.url, **kit.FAST_RECONNECT) for _ in range(PUBLISHERS)]
+    buses.extend(pubs)
+    for bus in pubs:
+        await bus.open()
+    published = 0
+
+    async def publish_all(p: int, bus: cascade_bus.Bus) -> None:
+        nonlocal published
+        for s in range(PER_PUBLISHER):
+            await bus.publish(f"{unique_topic}/{p}", {"p": p, "s": s}, qos=1)
+            published += 1
+
+    started = time.monotonic()
+    restarts: list[str] = []
+    elapsed = -1.0
+    try:
+        async with asyncio.timeout(40):
+            tasks = [asyncio.create_task(publish_all(p, bus)) for p, bus in enumerate(pubs)]
+            for mark in (2_500, 6_000):
+                await restart_marks[mark].wait()
+                restarts.append(f"{len(seen)} received/{published} published")
+                await broker.arestart()
+            await asyncio.gather(*tasks)
+            await restart_marks[total].wait()
+            elapsed = time.monotonic() - started
+            await kit.nats(sub).wait_connected(reconnects=2)
+    finally:
+        sub_stats = sub.stats()
+        pub_stats = [bus.stats() for bus in pubs]
+        report = (
+            f"restarts at {restarts}; {len(seen)}/{total} distinct received in "
+            f"{time.monotonic() - started:.2f}s; duplicates seen by the handler: {dups_seen}; "
+            f"subscriber {sub_stats}; publisher reconnects {[s.reconnects for s in pub_stats]}"
+        )
+        print(report)
+    assert len(seen) == total, report
+    assert len(restarts) == 2, report
+    assert elapsed < 30, report
+    assert sub_stats.delivered == total + dups_seen, report
+    assert sub_stats.dropped_total == 0, report
+    assert sub_stats.reconnects == 2, report
+    assert sub_stats.duplicates <= dups_seen, report  # every redelivery noticed was handled
+    assert all(s.reconnects == 2 and s.published == PER_PUBLISHER for s in pub_stats), report
+    assert all(s.dropped_total == 0 and s.buffered == 0 for s in pub_stats), report
+
+
+async def test_qos0_messages_held_while_down_and_overflow_counted(
+    private_nats, tcp_proxy, unique_topic, kit, buses, api
+):
+    """While its link is down QoS 0 is held up to ``offline_buffer``; the rest is counted.
+
+    The publisher reaches the server through a proxy that is cut; the subscriber stays
+    connected, so what the publisher sends after its reconnect is sure to find it.
+    """
+    broker = private_nats()
+    proxy = await tcp_proxy(broker.url)
+    sub = await cascade_bus.connect(broker.url)
+    buses.append(sub)
+    pub = await cascade_bus.connect(proxy.url_for("nats"), offline_buffer=5, **kit.FAST_RECONNECT)
+    buses.append(pub)
+    inbox = kit.Inbox()
+    await sub.subscribe(f"{unique_topic}/#", inbox)
+    await pub.publish(f"{unique_topic}/before", 0)
+    await inbox.wait_for(1)
+
+    proxy.pause()
+    await proxy.cut()
+    await kit.wait_disconnected(pub)
+    for i in range(1, 21):
+        await pub.publish(f"{unique_topic}/down", i)  # never raises at QoS 0
+    held = pub.stats()
+    assert held.buffered == 5, held
+    assert held.dropped == {DropReason.OFFLINE_OVERFLOW: 15}, held
+    assert held.published == 21, held  # all accepted by the transport; 15 dropped, counted
+
+    proxy.resume()
+    await kit.wait_connected(pub, reconnects=1)
+    await pub.publish(f"{unique_topic}/after", "end")
+    await inbox.wait_until(lambda: "end" in inbox.payloads, "the message sent after the outage")
+    # The five held went out first, in order; then the one published after the reconnect.
+    assert inbox.payloads == [0, 1, 2, 3, 4, 5, "end"]
+    assert pub.stats().buffered == 0
+    assert sub.stats().dropped_total == 0
+
+
+async def test_reconnect_off_fails_fast_and_counts(private_nats, unique_topic, kit, buses):
+    """With ``reconnect=false`` a lost server ends the connection: publishes raise, counted."""
+    broker = private_nats()
+    bus = await cascade_bus.connect(broker.url, reconnect=False)
+    buses.append(bus)
+    await bus.publish(f"{unique_topic}/x", 1)
+    await broker.astop()
+    await kit.wait_disconnected(bus)
+    with pytest.raises(ConnectionLost):
+        await bus.publish(f"{unique_topic}/x", 2)
+    with pytest.raises(ConnectionLost):
+        await bus.publish(f"{unique_topic}/x", 3, qos=1)
+    assert bus.stats().dropped == {DropReason.DISCONNECTED: 2}
+
+
+async def test_subscriptions_and_consumers_recovered_after_the_store_is_lost(
+    private_nats, unique_topic, kit, buses
+):
+    """The server comes back without its JetStream store: stream, bucket, consumers re-made.
+
+    Core subscriptions are replayed by nats-py; the QoS-1 consumer and the stream are
+    re-created by the adapter, and both kinds of subscription receive again.
+    """
+    broker = private_nats()
+    sub = await cascade_bus.connect(broker.url, **kit.FAST_RECONNECT)
+    buses.append(sub)
+    pub = await cascade_bus.connect(broker.url, **kit.FAST_RECONNECT)
+    buses.append(pub)
+    durable, plain = kit.Inbox(), kit.Inbox()
+    await sub.subscribe(f"{unique_topic}/q1", durable, qos=1)
+    await sub.subscribe(f"{unique_topic}/q0", plain)
+    await pub.publish(f"{unique_topic}/q1", "first", qos=1)
+    await pub.publish(f"{unique_topic}/q0", "first")
+    await durable.wait_for(1)
+    await plain.wait_for(1)
+
+    await broker.astop()
+    assert broker.workdir is not None
+    shutil.rmtree(broker.workdir / "jetstream")  # the server forgets every stream and consumer
+    await broker.astart()
+    await kit.wait_connected(sub, reconnects=1)
+    await kit.wait_connected(pub, reconnects=1)
+    async with asyncio.timeout(kit.WAIT):
+        await kit.nats(sub).wait_jetstream()
+        await kit.nats(pub).wait_jetstream()
+
+    await pub.publish(f"{unique_topic}/q1", "second", qos=1)
+    await pub.publish(f"{unique_topic}/q0", "second")
+    assert await durable.wait_for(2) == ["first", "second"]
+    assert await plain.wait_for(2) == ["first", "second"]
+    # Retained messages work again too (the bucket was re-created).
+    await pub.publish(f"{unique_topic}/r", {"kept": True}, retain=True)
+    late = kit.Inbox()
+    await sub.subscribe(f"{unique_topic}/r", late)
+    assert late.payloads == [{"kept": True}]
+    await pub.publish(f"{unique_topic}/r", b"", retain=True)
+
+
+async def test_qos1_publish_waits_through_a_cut_connection(
+    private_nats, tcp_proxy, unique_topic, kit, buses, api
+):
+    """A QoS-1 publish made while the link is cut completes once the link is back."""
+    broker = private_nats()
+    proxy = await tcp_proxy(broker.url)
+    sub = await cascade_bus.connect(broker.url)
+    buses.append(sub)
+    inbox = kit.Inbox()
+    await sub.subscribe(f"{unique_topic}/cut", inbox, qos=1)
+    pub = await cascade_bus.connect(proxy.url_for("nats"), **kit.FAST_RECONNECT)
+    buses.append(pub)
+    await pub.publish(f"{unique_topic}/cut", 1, qos=1)
+
+    proxy.pause()
+    await proxy.cut()
+    await kit.wait_disconnected(pub)
+    pending = asyncio.create_task(pub.publish(f"{unique_topic}/cut", 2, qos=1))
+    await asyncio.sleep(0)  # one loop turn: the task runs up to its wait for the stream's ack
+    assert pub.stats().buffered == 1
+    assert not pending.done()
+    proxy.resume()
+    async with asyncio.timeout(kit.WAIT):
+        await pending
+    assert await inbox.wait_for(2) == [1, 2]
+    assert pub.stats().reconnects == 1
+    assert pub.stats().dropped_total == 0
+
+
+async def test_slow_handler_applies_flow_control_on_qos1(
+    private_nats, unique_topic, kit, buses, api
+):
+    """A handler slower than the publisher: nothing dropped, JetStream holds the rest.
+
+    The subscription buffer is tiny (``buffer_size=4``); the receive path waits for room
+    instead of overflowing, and ``max_ack_pending`` keeps the server from pushing more.
+    """
+    broker = private_nats()
+    sub = await cascade_bus.connect(broker.url, buffer_size=4, max_ack_pending=8)
+    buses.append(sub)
+    pub = await cascade_bus.connect(broker.url)
+    buses.append(pub)
+    got: list[int] = []
+    done = asyncio.Event()
+
+    async def slow(env: cascade_bus.Envelope[Any]) -> None:
+        await asyncio.sleep(0)  # yields: lets the publisher run ahead
+        got.append(env.payload)
+        if len(got) == 200:
+            done.set()
+
+    await sub.subscribe(f"{unique_topic}/slow", slow, qos=1)
+    for i in range(200):
+        await pub.publish(f"{unique_topic}/slow", i, qos=1)
+    async with asyncio.timeout(kit.WAIT):
+        await done.wait()
+    assert got == list(range(200))
+    assert sub.stats().dropped_total == 0, sub.stats()
+
+
+async def test_unique_consumer_per_subscription_removed_on_unsubscribe(
+    private_nats, unique_topic, buses
+):
+    """A QoS-1 subscription's durable consumer is deleted when it unsubscribes."""
+    import nats
+
+    broker = private_nats()
+    bus = await cascade_bus.connect(broker.url)
+    buses.append(bus)
+    nc = await nats.connect(broker.url)
+    try:
+        jsm = nc.jsm()
+        sub = await bus.subscribe(f"{unique_topic}/a/#", qos=1)  # two filters: a, a.>
+        names = [c.name for c in await jsm.consumers_info("CASCADE_BUS")]
+        assert len(names) == 2, names
+        await sub.unsubscribe()
+        assert await jsm.consumers_info("CASCADE_BUS") == []
+    finally:
+        await nc.close()
