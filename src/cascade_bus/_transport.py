@@ -107,6 +107,15 @@ class Transport(abc.ABC):
     """Translates portable topics to native names and back."""
     package: ClassVar[str] = "cascade-bus"
     """The distribution that provides this transport (for error messages and listings)."""
+    publish_nowait: Any = None
+    """Optional fast path: ``publish_nowait(topic, data, qos, retain, headers)``.
+
+    A transport may define this method beside `publish`. It must not block: it hands the
+    message over synchronously and returns None when that is all (the bus then counts it as
+    published), or an awaitable the bus awaits when the caller must wait (a full buffer, a
+    QoS>=1 acknowledgement). It raises synchronously what `publish` would raise. The bus calls it
+    instead of `publish` when present, saving a coroutine per message.
+    """
     filters_exactly: ClassVar[bool] = True
     """False when the transport may deliver messages a pattern does not match exactly (e.g. a
     broader native glob); the bus then filters every message with `topic_matches`."""

@@ -46,7 +46,13 @@ async def test_qos_is_the_lower_of_publish_and_subscribe(nats_url, unique_topic,
     assert {e.topic for e in q1.envelopes} >= {unique_topic, f"{unique_topic}/b"}
 
 
-async def test_queue_group_at_qos1_each_message_once(nats_url, unique_topic, buses):
+async def test_queue_group_at_qos1_each_message_once(private_nats, unique_topic, buses):
+    """Each message once across the group, at QoS 1 and at QoS 0.
+
+    A private server: a queue group's consumer outlives its members (``consumer_inactive``),
+    and a test should not leave one on the shared server.
+    """
+    nats_url = private_nats().url
     members = [await cascade_bus.connect(nats_url) for _ in range(3)]
     buses.extend(members)
     got: list[list[int]] = [[], [], []]
