@@ -112,13 +112,28 @@ EXPECTED: dict[str, list[str]] = {
 }
 # pytest modules among the examples: run with pytest rather than as scripts.
 PYTEST_EXAMPLES = ["test_broker_fixtures.py", "test_conformance.py"]
+# Examples that need a broker: file -> (broker kind, expected output). They read the broker's URL
+# from CASCADE_BUS_<KIND>_URL, which the test sets from the session fixture (skips without one).
+BROKER_EXAMPLES: dict[str, tuple[str, list[str]]] = {
+    "mqtt_presence.py": (
+        "mqtt",
+        [
+            "while connected: {'online': True, 'client_id': '<client_id>'}",
+            "after close: {'online': False, 'client_id': '<client_id>'}",
+            "late subscriber (retained): {'online': False, 'client_id': '<client_id>'}",
+        ],
+    ),
+}
 
 
-def _run(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+def _run(
+    *args: str, timeout: float = TIMEOUT, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     # Examples may import each other (test_conformance.py uses custom_transport.py).
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(EXAMPLES), os.environ.get("PYTHONPATH")])),
+        **(extra_env or {}),
     }
     return subprocess.run(
         [sys.executable, *args],
@@ -133,13 +148,15 @@ def _run(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[st
 
 def test_every_example_is_checked() -> None:
     scripts = {p.name for p in EXAMPLES.glob("*.py")}
-    assert scripts == set(EXPECTED) | set(PYTEST_EXAMPLES)
+    assert scripts == set(EXPECTED) | set(PYTEST_EXAMPLES) | set(BROKER_EXAMPLES)
 
 
 def test_every_example_is_in_the_docs() -> None:
-    pages = "\n".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    pages = "\n".join(p.read_text() for p in (ROOT / "docs").rglob("*.md"))
     missing = [
-        name for name in sorted(EXPECTED) + PYTEST_EXAMPLES if f"docs/examples/{name}" not in pages
+        name
+        for name in sorted(EXPECTED) + PYTEST_EXAMPLES + sorted(BROKER_EXAMPLES)
+        if f"docs/examples/{name}" not in pages
     ]
     assert not missing, f"examples not included in any page: {missing}"
 
@@ -150,6 +167,24 @@ def test_example_runs(name: str) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     for text in EXPECTED[name]:
+        assert text in result.stdout, f"{text!r} not in the output of {name}:\n{result.stdout}"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=getattr(pytest.mark, BROKER_EXAMPLES[name][0]))
+        for name in sorted(BROKER_EXAMPLES)
+    ],
+)
+def test_broker_example_runs(name: str, request: pytest.FixtureRequest) -> None:
+    kind, expected = BROKER_EXAMPLES[name]
+    url = request.getfixturevalue(f"{kind}_url")  # skips (or fails in CI) without a broker
+    env_var = f"CASCADE_BUS_{kind.upper()}_URL"
+    result = _run("-W", "error", str(EXAMPLES / name), extra_env={env_var: url})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    for text in expected:
         assert text in result.stdout, f"{text!r} not in the output of {name}:\n{result.stdout}"
 
 
