@@ -311,6 +311,28 @@ def test_doctor_memory_passes_and_shows_capabilities() -> None:
     assert "all 7 checks passed" in out
 
 
+@pytest.mark.parametrize(
+    ("fixture", "scheme"),
+    [
+        pytest.param("mqtt_url", "mqtt", marks=pytest.mark.mqtt),
+        pytest.param("nats_url", "nats", marks=pytest.mark.nats),
+        pytest.param("redis_url", "redis", marks=pytest.mark.redis),
+    ],
+)
+def test_doctor_passes_on_each_shared_broker(
+    fixture: str, scheme: str, request: pytest.FixtureRequest
+) -> None:
+    if scheme not in cascade_bus.available_transports():
+        pytest.skip(f"the {scheme} adapter is not installed (pip install cascade-bus-{scheme})")
+    url = request.getfixturevalue(fixture)
+    result = run_cli("doctor", url, "--timeout", "10")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert re.search(r"│ connect\s+│ ok\s+│", result.stdout)
+    assert re.search(r"│ publish and subscribe\s+│ ok\s+│", result.stdout)
+    assert "│ max_qos" in result.stdout
+
+
 @needs_mqtt_adapter
 def test_doctor_unreachable_broker() -> None:
     port = free_port()

@@ -347,3 +347,36 @@ async def test_connect_to_a_closed_port_fails_fast(caplog, capfd):
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
     assert err == ""
+
+
+async def test_handler_publishing_qos1_while_its_subscription_is_full(
+    mqtt_url, unique_topic, kit, buses
+):
+    """A handler awaiting its own QoS 1 PUBACK never stalls behind flow control.
+
+    Reading resumes while one of our publishes waits for its ack, so the subscription may then
+    overflow: every message is either handled or counted, none hangs (known limit: a broker
+    that ignores our Receive Maximum can overrun a tiny buffer here).
+    """
+    bus = await cascade_bus.connect(mqtt_url)
+    buses.append(bus)
+    publisher = await cascade_bus.connect(mqtt_url)
+    buses.append(publisher)
+    echoes = kit.Inbox()
+    await bus.subscribe(f"{unique_topic}/echo", echoes, qos=1)
+
+    async def echo(env):
+        await bus.publish(f"{unique_topic}/echo", env.payload, qos=1)  # waits for a PUBACK
+
+    await bus.subscribe(f"{unique_topic}/in", echo, qos=1, buffer_size=2)
+    for i in range(200):
+        await publisher.publish(f"{unique_topic}/in", i, qos=1)
+
+    def settled() -> bool:
+        return len(echoes) + bus.stats().dropped.get("overflow", 0) == 200
+
+    async with asyncio.timeout(kit.WAIT):
+        while not settled():
+            await echoes.wait_for(len(echoes) + 1, timeout=kit.WAIT)
+    assert set(bus.stats().dropped) <= {"overflow"}
+    assert len(set(echoes.payloads)) == len(echoes)  # nothing handled twice

@@ -724,6 +724,8 @@ class MqttTransport(NetworkTransport):
                     fut = asyncio.get_running_loop().create_future()
                     self._inflight[info.mid] = _Outgoing(topic, data, qos, retain, props, fut)
                     self._idle.clear()
+                    if self._paused:  # its PUBACK must be read (a handler may be waiting)
+                        self._resume_now()
                     await fut
                 elif len(paho._out_packet) > _OUT_HIGH:
                     await self._drain_socket(paho)
@@ -888,9 +890,14 @@ class MqttTransport(NetworkTransport):
             ack.expect(delivered)
 
     def _pause_reading(self, paho: paho_mqtt.Client) -> None:
-        """Stop reading from the broker until every full subscription has room again."""
+        """Stop reading from the broker until every full subscription has room again.
+
+        Not while one of our QoS>=1 publishes waits for its acknowledgement: that ack comes on
+        this socket, and the publisher may be the very handler the full subscription waits on.
+        """
         sock = paho.socket()
-        if sock is None or self._paused:
+        if sock is None or self._paused or self._inflight:
+            self._full.clear()
             return
         loop = asyncio.get_running_loop()
         loop.remove_reader(sock.fileno())
@@ -899,6 +906,11 @@ class MqttTransport(NetworkTransport):
         self._resume_task = loop.create_task(
             self._resume_reading(paho, sock, full), name="cascade_bus.mqtt.resume"
         )
+
+    def _resume_now(self) -> None:
+        task = self._resume_task
+        if task is not None and not task.done():
+            task.cancel()  # its finally re-adds the reader
 
     async def _resume_reading(
         self, paho: paho_mqtt.Client, sock: Any, full: list[MessageSink]
