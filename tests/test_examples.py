@@ -19,6 +19,7 @@ TIMEOUT = 30
 # Example file -> text its output must contain (the docs rely on these results).
 EXPECTED: dict[str, list[str]] = {
     "quickstart.py": ["sensors/kitchen/temperature {'celsius': 21.5}"],
+    "competing_consumers.py": ["jobs per worker: {'worker-0': 3, 'worker-1': 3, 'worker-2': 3}"],
     "handlers.py": [
         "iterator got shop/orders/3 {'qty': 3}",
         "handler got ['shop/orders/1 qty=1', 'shop/orders/2 qty=2', 'shop/orders/3 qty=3']",
@@ -115,6 +116,20 @@ PYTEST_EXAMPLES = ["test_broker_fixtures.py", "test_conformance.py"]
 # Examples that need a broker: file -> (broker kind, expected output). They read the broker's URL
 # from CASCADE_BUS_<KIND>_URL, which the test sets from the session fixture (skips without one).
 BROKER_EXAMPLES: dict[str, tuple[str, list[str]]] = {
+    "nats_quickstart.py": (
+        "nats",
+        [
+            "retained before subscribe() returned: [{'paused': True}]",
+            "telemetry: t1/1/events {'state': 'running'}",
+        ],
+    ),
+    "redis_quickstart.py": (
+        "redis",
+        [
+            "retained before subscribe() returned: [{'paused': True}]",
+            "telemetry: t1/1/events {'state': 'running'}",
+        ],
+    ),
     "mqtt_presence.py": (
         "mqtt",
         [
