@@ -194,3 +194,25 @@ async def test_subscriptions_come_back_after_a_cut(redis_url, tcp_proxy, open_bu
     await publisher.publish(f"{prefix}/p/x", "live")
     assert await durable.wait_for(10) == list(range(10))
     assert await plain.wait_for(1) == ["live"]
+
+
+async def test_small_buffer_keeps_flowing_after_repeated_flow_control(redis_url, open_bus, prefix):
+    """A subscription that fills up again and again (buffer_size=2) still gets everything."""
+    bus = await open_bus(redis_url)
+    publisher = await open_bus(redis_url)
+    handled: list = []
+    done = asyncio.Event()
+
+    async def slow(env):
+        await asyncio.sleep(0)  # yield: the publisher gets ahead and the queue fills
+        handled.append(env.payload)
+        if len(handled) == 200:
+            done.set()
+
+    await bus.subscribe(f"{prefix}/in", slow, buffer_size=2)
+    for i in range(200):
+        await publisher.publish(f"{prefix}/in", i)
+    async with asyncio.timeout(10):
+        await done.wait()
+    assert handled == list(range(200))
+    assert bus.stats().dropped == {}

@@ -831,10 +831,16 @@ class RedisTransport(NetworkTransport):
             self._flow_task = self._spawn(self._wait_room(pubsub), "flow-control")
 
     async def _wait_room(self, pubsub: RespConnection) -> None:
-        while self._full:
-            await self._full[0].ready()
-            self._full.pop(0)
-        pubsub.release()
+        # Releasing parses replies already buffered, which may fill a sink again: loop until a
+        # release leaves every sink with room (this task is still running, so nobody else
+        # would start another).
+        while True:
+            while self._full:
+                await self._full[0].ready()
+                self._full.pop(0)
+            pubsub.release()
+            if not self._full:
+                return
 
     async def _pubsub_sync(self, commands: list[bytes]) -> None:
         """Send (P)SUBSCRIBE commands, then a PING; its PONG proves they all took effect."""
