@@ -57,6 +57,7 @@ __all__ = [
     "start_mosquitto",
     "start_nats",
     "start_redis",
+    "wait_for_port",
 ]
 
 BrokerKind = Literal["mqtt", "nats", "redis"]
@@ -163,6 +164,19 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    """Poll until ``host:port`` accepts TCP connections (e.g. a broker's second listener).
+
+    Raises:
+        TimeoutError: nothing accepted within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while not port_open(host, port):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+        time.sleep(0.02)
 
 
 def host_port(url: str, default_port: int | None = None) -> tuple[str, int]:

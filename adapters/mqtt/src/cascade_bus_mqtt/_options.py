@@ -6,7 +6,7 @@ import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from cascade_bus import InvalidTopic, InvalidURL, validate_topic
 from cascade_bus.spi import BusURL, parse_bool, parse_float, parse_int
@@ -39,6 +39,8 @@ class MqttOptions:
     offline_buffer: int
     max_inflight: int
     tcp_nodelay: bool
+    transport: Literal["tcp", "websockets"]  # websockets for ws:// and wss://
+    ws_path: str
     presence_topic: str | None
 
     def __repr__(self) -> str:
@@ -60,7 +62,7 @@ class MqttOptions:
             "client_id", "version", "keepalive", "clean_start", "ca_file", "certfile",
             "keyfile", "tls_verify", "will_topic", "will_payload", "will_qos", "will_retain",
             "reconnect", "reconnect_min", "reconnect_max", "offline_buffer", "max_inflight",
-            "tcp_nodelay", "username", "password", "presence_topic",
+            "tcp_nodelay", "username", "password", "presence_topic", "ws_path",
         }  # fmt: skip
         unknown = sorted(set(opts) - known)
         if unknown:
@@ -69,7 +71,9 @@ class MqttOptions:
             )
         if len(url.hosts) > 1:
             raise InvalidURL("mqtt:// takes one broker host (MQTT has no client-side clusters)")
-        tls_wanted = url.scheme == "mqtts"
+        tls_wanted = url.scheme in ("mqtts", "wss")
+        websockets = url.scheme in ("ws", "wss")
+        default_port = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}.get(url.scheme, 1883)
         version_text = str(opts.get("version", "5"))
         if version_text not in _VERSIONS:
             raise InvalidURL(f"version={version_text!r}: use 5 or 3.1.1")
@@ -91,7 +95,7 @@ class MqttOptions:
             will_payload = will_payload.encode()
         return cls(
             host=url.host or "127.0.0.1",
-            port=url.port or (8883 if tls_wanted else 1883),
+            port=url.port or default_port,
             username=opts.get("username", url.username),
             password=opts.get("password", url.password),
             client_id=str(opts.get("client_id") or f"cascade-bus-{os.urandom(6).hex()}"),
@@ -109,6 +113,8 @@ class MqttOptions:
             offline_buffer=parse_int("offline_buffer", opts.get("offline_buffer", 10_000)),
             max_inflight=parse_int("max_inflight", opts.get("max_inflight", 20)),
             tcp_nodelay=parse_bool("tcp_nodelay", opts.get("tcp_nodelay", True)),
+            transport="websockets" if websockets else "tcp",
+            ws_path=str(opts.get("ws_path", "/mqtt")),
             presence_topic=None if presence_topic is None else str(presence_topic),
         )
 

@@ -367,6 +367,8 @@ class MqttTransport(NetworkTransport):
             ),
             properties=properties,
             tls_context=o.tls,
+            transport=o.transport,
+            websocket_path=o.ws_path if o.transport == "websockets" else None,
             # paho checks the host name itself unless told not to, even with tls_verify=false
             # (where there is no certificate to check: every connect would fail).
             tls_insecure=True if o.tls is not None and not o.tls.check_hostname else None,
