@@ -16,45 +16,13 @@ from typing import Any, cast
 import pytest
 from cascade_bus_mqtt import MqttTransport
 
-from cascade_bus import Bus, Envelope
+from cascade_bus import Bus
+from cascade_bus.testing.inbox import Inbox
 
 #: Small reconnect backoff so that fault tests recover in tens of milliseconds.
 FAST_RECONNECT: dict[str, Any] = {"reconnect_min": 0.02, "reconnect_max": 0.2}
 #: Upper bound for any single wait in these tests.
 WAIT = 10.0
-
-
-class Inbox:
-    """A subscription handler that keeps what it receives and can wait for a count."""
-
-    def __init__(self) -> None:
-        self.envelopes: list[Envelope[Any]] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, env: Envelope[Any]) -> None:
-        self.envelopes.append(env)
-        self._changed.set()
-
-    @property
-    def payloads(self) -> list[Any]:
-        return [env.payload for env in self.envelopes]
-
-    def __len__(self) -> int:
-        return len(self.envelopes)
-
-    async def wait_for(self, count: int, timeout: float = WAIT) -> list[Any]:
-        """Wait until at least ``count`` messages arrived; return the first ``count`` payloads."""
-        try:
-            async with asyncio.timeout(timeout):
-                while len(self.envelopes) < count:
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            raise AssertionError(
-                f"waited {timeout}s for {count} messages, got {len(self.envelopes)}: "
-                f"{self.payloads!r}"
-            ) from None
-        return self.payloads[:count]
 
 
 def mqtt(bus: Bus) -> MqttTransport:

@@ -14,47 +14,13 @@ from typing import Any
 import pytest
 from cascade_bus_nats import NatsTransport
 
-from cascade_bus import Bus, Envelope
+from cascade_bus import Bus
+from cascade_bus.testing.inbox import Inbox
 
 #: Small reconnect waits so that fault tests recover in tens of milliseconds.
 FAST_RECONNECT: dict[str, Any] = {"reconnect_wait": 0.02, "connect_attempt_timeout": 1.0}
 #: Upper bound for any single wait in these tests.
 WAIT = 10.0
-
-
-class Inbox:
-    """A subscription handler that keeps what it receives and can wait for a condition."""
-
-    def __init__(self) -> None:
-        self.envelopes: list[Envelope[Any]] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, env: Envelope[Any]) -> None:
-        self.envelopes.append(env)
-        self._changed.set()
-
-    @property
-    def payloads(self) -> list[Any]:
-        return [env.payload for env in self.envelopes]
-
-    def __len__(self) -> int:
-        return len(self.envelopes)
-
-    async def wait_until(self, predicate: Any, what: str, timeout: float = WAIT) -> None:
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate():
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            raise AssertionError(
-                f"waited {timeout}s for {what}; got {len(self.envelopes)}: {self.payloads[-5:]!r}"
-            ) from None
-
-    async def wait_for(self, count: int, timeout: float = WAIT) -> list[Any]:
-        """Wait until at least ``count`` messages arrived; return the first ``count`` payloads."""
-        await self.wait_until(lambda: len(self.envelopes) >= count, f"{count} messages", timeout)
-        return self.payloads[:count]
 
 
 def nats(bus: Bus) -> NatsTransport:
