@@ -20,6 +20,7 @@ from cascade_bus import (
     Envelope,
     InvalidURL,
     Message,
+    NoResponders,
     RequestTimeout,
     Subscription,
 )
@@ -631,12 +632,23 @@ async def test_request_with_type_mismatch() -> None:
         assert "$.x" in str(info.value)
 
 
-async def test_request_without_responder_times_out() -> None:
-    async with cascade_bus.connect(mem()) as bus:
-        with pytest.raises(RequestTimeout, match=r"within 0\.05s"):
-            await bus.request(topic("nobody"), 1, timeout=0.05)
-        with pytest.raises(TimeoutError):
-            await bus.request(topic("nobody"), 1, timeout=0.05)
+async def test_request_without_responder_fails_at_once_with_no_responders() -> None:
+    # memory:// knows nobody subscribes, so the hour-long timeout is never waited out.
+    for fmt in ("json", "msgpack", "raw"):
+        async with cascade_bus.connect(mem(), format=fmt) as bus:
+            async with asyncio.timeout(WAIT):
+                with pytest.raises(NoResponders, match="nobody"):
+                    await bus.request(topic("nobody"), 1, timeout=3600)
+
+
+async def test_request_to_a_silent_responder_times_out() -> None:
+    t = topic("silent")
+    async with cascade_bus.connect(mem()) as bus, bus.subscribe(t) as sub:
+        with pytest.raises(RequestTimeout, match=r"within 0\.05s") as info:
+            await bus.request(t, 1, timeout=0.05)
+        assert not isinstance(info.value, NoResponders)
+        assert isinstance(info.value, TimeoutError)
+        assert (await sub.get(WAIT)).payload == 1
 
 
 async def test_raw_format_bytes_round_trip() -> None:

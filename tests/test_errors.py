@@ -32,7 +32,7 @@ EXPORTED_EXCEPTIONS = [
 
 
 def test_there_are_exported_exceptions() -> None:
-    assert len(EXPORTED_EXCEPTIONS) == 16
+    assert len(EXPORTED_EXCEPTIONS) == 17
 
 
 @pytest.mark.parametrize("cls", EXPORTED_EXCEPTIONS, ids=lambda c: c.__name__)

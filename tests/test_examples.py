@@ -30,7 +30,7 @@ EXPECTED: dict[str, list[str]] = {
         "pending after clear: 0",
     ],
     "queue_groups.py": ["total 6", "logger saw: [0, 1, 2, 3, 4, 5]"],
-    "request_reply.py": ["2 + 3 = 5", "no responder: no reply to the request on 'calc/divide'"],
+    "request_reply.py": ["2 + 3 = 5", "no responder: no responder is subscribed to 'calc/divide'"],
     "typed.py": [
         "got Reading(sensor='a', celsius=20.5)",
         "the bad reading never reached the iterator",

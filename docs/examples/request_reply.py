@@ -3,11 +3,11 @@
 import asyncio
 
 import cascade_bus
-from cascade_bus import Envelope, RequestTimeout
+from cascade_bus import Envelope, NoResponders, RequestTimeout
 
 
 async def main() -> None:
-    """Run a tiny responder and send it two requests, one of which times out."""
+    """Run a tiny responder and send it two requests, one to a topic nobody answers."""
     async with cascade_bus.connect("memory://rpc") as bus:
 
         async def add(env: Envelope[dict[str, int]]) -> None:
@@ -20,9 +20,11 @@ async def main() -> None:
         print("2 + 3 =", answer.payload["sum"])
 
         try:
-            await bus.request("calc/divide", {"a": 1, "b": 0}, timeout=0.2)
-        except RequestTimeout as exc:
+            await bus.request("calc/divide", {"a": 1, "b": 0}, timeout=5.0)
+        except NoResponders as exc:  # at once: memory:// and NATS know nobody listens
             print("no responder:", exc)
+        except RequestTimeout as exc:  # elsewhere, after the timeout
+            print("no reply:", exc)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from ._errors import (
     ConnectionLost,
     InvalidTopic,
     InvalidURL,
+    NoResponders,
     PayloadTooLarge,
     PublishError,
     RequestTimeout,
@@ -134,6 +135,7 @@ class Bus:
                 )
             bus_options = dict(options)
         self.transport = transport
+        transport.on_no_responders = self._on_no_responders
         self.url = transport.url
         self.id = new_id()
         self.capabilities = transport.capabilities
@@ -817,6 +819,8 @@ class Bus:
             type: Convert the reply's payload into this type.
 
         Raises:
+            NoResponders: the transport reports that nobody listens on ``topic`` (NATS,
+                memory); raised at once.
             RequestTimeout: no reply within ``timeout``.
             DecodeError: the reply does not fit ``type``.
         """
@@ -834,6 +838,8 @@ class Bus:
             try:
                 async with asyncio.timeout(timeout):
                     reply = await fut
+            except NoResponders:
+                raise NoResponders(f"no responder is subscribed to {topic!r}") from None
             except TimeoutError:
                 raise RequestTimeout(
                     f"no reply to the request on {topic!r} within {timeout}s"
@@ -880,6 +886,11 @@ class Bus:
             if self._inbox is None or self._inbox.closed:
                 self._inbox = await self.subscribe(f"{prefix}/+", self._on_reply)
         return prefix
+
+    def _on_no_responders(self, reply_to: str) -> None:
+        fut = self._replies.get(reply_to.rsplit("/", 1)[-1])
+        if fut is not None and not fut.done():
+            fut.set_exception(NoResponders("no responder"))
 
     def _on_reply(self, env: Envelope[Any]) -> None:
         cid = env.correlation_id or env.topic.rsplit("/", 1)[-1]

@@ -19,6 +19,8 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
         headers: Native message headers (metadata outside the body).
         queue_groups: Competing consumers sharing one named subscription.
         request_reply: `Bus.request` with per-request reply inboxes.
+        no_responders: The transport can tell that a request reached no subscriber, so
+            `Bus.request` raises `NoResponders` at once instead of waiting out its timeout.
         will: A last-will message the broker publishes when the client vanishes.
         persistence: Messages survive a broker restart.
         ordering: Messages from one publisher to one subscription arrive in order.
@@ -33,6 +35,7 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     headers: bool = False
     queue_groups: bool = False
     request_reply: bool = True
+    no_responders: bool = False
     will: bool = False
     persistence: bool = False
     ordering: bool = True

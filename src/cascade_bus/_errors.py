@@ -12,6 +12,7 @@ BusError
 │   ├── PublishError                       a publish was refused or could not be confirmed
 │   ├── SubscribeError                     a subscription was refused
 │   └── RequestTimeout (TimeoutError)      no reply arrived in time
+│       └── NoResponders                   the broker says nobody listens (NATS, memory)
 ├── CodecError
 │   ├── EncodeError (TypeError)        a payload cannot be encoded
 │   ├── DecodeError (ValueError)       a message body cannot be decoded (into the requested type)
@@ -35,6 +36,7 @@ __all__ = [
     "EncodeError",
     "InvalidTopic",
     "InvalidURL",
+    "NoResponders",
     "PayloadTooLarge",
     "PublishError",
     "RequestTimeout",
@@ -141,6 +143,14 @@ class SubscribeError(TransportError):
 
 class RequestTimeout(TransportError, TimeoutError):
     """Raised when `Bus.request` gets no reply within its timeout."""
+
+
+class NoResponders(RequestTimeout):
+    """Raised at once by `Bus.request` when the broker reports that nobody listens on the topic.
+
+    Only transports that declare ``Capabilities.no_responders`` (NATS, memory) can tell; elsewhere
+    such a request waits out its timeout. A `RequestTimeout`, so code catching that still works.
+    """
 
 
 class CodecError(BusError):

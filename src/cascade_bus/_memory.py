@@ -129,6 +129,7 @@ class MemoryTransport(Transport):
         headers=True,
         queue_groups=True,
         request_reply=True,
+        no_responders=True,
         will=False,
         persistence=False,
         ordering=True,
@@ -195,11 +196,15 @@ class MemoryTransport(Transport):
         if retain:
             broker.set_retained(topic, data, headers)
         route = broker._routes.get(topic) or broker.route(topic)
-        if qos and not retain and not route.plain and not route.groups:
-            # At QoS >= 1 the publisher expects someone to get it: say nobody did (counted;
-            # the message still counts as published, as a broker would accept it). A retained
-            # message is kept for the next subscriber, so it is not lost.
-            self.stats.drop(DropReason.NO_SUBSCRIBER)
+        if not route.plain and not route.groups:
+            if qos and not retain:
+                # At QoS >= 1 the publisher expects someone to get it: say nobody did (counted;
+                # the message still counts as published, as a broker would accept it). A
+                # retained message is kept for the next subscriber, so it is not lost.
+                self.stats.drop(DropReason.NO_SUBSCRIBER)
+            reply_to = headers.get("ce-replyto") if headers else None
+            if reply_to and self.on_no_responders is not None:
+                self.on_no_responders(reply_to)
         message = (
             Message(topic, data, headers) if not qos else Message(topic, data, headers, qos=qos)
         )
@@ -225,8 +230,12 @@ class MemoryTransport(Transport):
             raise BusClosed("memory transport is closed")
         broker = self.broker
         route = broker._routes.get(topic) or broker.route(topic)
-        if qos and not route.plain and not route.groups:
-            self.stats.drop(DropReason.NO_SUBSCRIBER)
+        if not route.plain and not route.groups:
+            if qos:
+                self.stats.drop(DropReason.NO_SUBSCRIBER)
+            reply_to = local[0].reply_to
+            if reply_to and self.on_no_responders is not None:
+                self.on_no_responders(reply_to)
         message = Message(topic, b"", None, qos=qos)
         message.local = local
         full: list[MessageSink] | None = None

@@ -116,6 +116,9 @@ class Transport(abc.ABC):
     QoS>=1 acknowledgement). It raises synchronously what `publish` would raise. The bus calls it
     instead of `publish` when present, saving a coroutine per message.
     """
+    on_no_responders: Callable[[str], None] | None = None
+    """Set by the bus: call it with a request's ``reply_to`` topic when the broker reports that
+    the request reached no subscriber (declare ``Capabilities.no_responders``)."""
     filters_exactly: ClassVar[bool] = True
     """False when the transport may deliver messages a pattern does not match exactly (e.g. a
     broader native glob); the bus then filters every message with `topic_matches`."""

@@ -53,6 +53,7 @@ from .. import (
     Envelope,
     ErrorHook,
     InvalidTopic,
+    NoResponders,
     PayloadTooLarge,
     RequestTimeout,
     UnsupportedFeature,
@@ -1030,14 +1031,28 @@ class ConformanceSuite:
         with pytest.raises(DecodeError):
             await bus.request(f"{topic}/typed-svc", 8, timeout=self.wait_timeout, type=list[str])
 
-    async def test_request_timeout(self, bus: Bus, topic: str) -> None:
-        """Nobody answers: RequestTimeout (a TimeoutError and a BusError)."""
+    async def test_request_timeout(self, bus: Bus, make_bus: BusFactory, topic: str) -> None:
+        """A responder that never answers: RequestTimeout (a TimeoutError and a BusError)."""
         self.require(bus, "request_reply")
+        silent = await make_bus()
+        heard = Collector()
+        await silent.subscribe(f"{topic}/silent-svc", heard)
         async with asyncio.timeout(self.wait_timeout):
             with pytest.raises(RequestTimeout) as info:
-                await bus.request(f"{topic}/nobody-home", {"q": 1}, timeout=0.2)
+                await bus.request(f"{topic}/silent-svc", {"q": 1}, timeout=0.2)
+        assert not isinstance(info.value, NoResponders)
         assert isinstance(info.value, TimeoutError)
         assert isinstance(info.value, BusError)
+        await heard.wait_for(lambda: heard.values == [{"q": 1}], "the request", self.wait_timeout)
+        await self.assert_still_works(bus, topic)
+
+    async def test_request_no_responders(self, bus: Bus, topic: str) -> None:
+        """Nobody subscribed: NoResponders at once, not after the (long) timeout."""
+        self.require(bus, "request_reply")
+        self.require(bus, "no_responders")
+        async with asyncio.timeout(self.wait_timeout):
+            with pytest.raises(NoResponders, match="nobody-home"):
+                await bus.request(f"{topic}/nobody-home", {"q": 1}, timeout=3600)
         await self.assert_still_works(bus, topic)
 
     # -- isolation -----------------------------------------------------------------------------
