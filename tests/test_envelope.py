@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import subprocess
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -159,6 +161,31 @@ def test_ids_are_unique() -> None:
     env_ids = {make(codec, i).id for i in range(10_000)}
     assert len(env_ids) == 10_000
     assert not env_ids & set(ids)
+
+
+_FORK_IDS = """
+import os
+from cascade_bus._envelope import new_id
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(write, new_id().encode())
+    os._exit(0)
+os.close(write)
+child = os.read(read, 200).decode()
+os.waitpid(pid, 0)
+print(child, new_id())
+"""
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    # In a fresh interpreter: forking the (threaded) test process itself would be unsafe.
+    out = subprocess.run(
+        [sys.executable, "-c", _FORK_IDS], capture_output=True, text=True, timeout=60, check=True
+    )
+    child_id, parent_id = out.stdout.split()
+    assert child_id != parent_id
+    assert child_id.rsplit("-", 1)[0] != parent_id.rsplit("-", 1)[0]  # a fresh prefix
 
 
 def test_defaults() -> None:

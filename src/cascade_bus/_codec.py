@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeAlias
 
 import msgspec
 
+from . import _envelope
 from ._envelope import (
     BYTES_CONTENT_TYPE,
     DEFAULT_TYPE,
@@ -100,16 +101,24 @@ class Codec:
         if not (headers or correlation_id or reply_to):
             # Only what differs from the defaults, but `headers` explicitly: a literal {} is
             # cheaper than msgspec calling the default factory (~90 ns).
+            if isinstance(payload, bytes):
+                return Envelope(
+                    id=_envelope.next_id(),
+                    source=self.source,
+                    type=type or DEFAULT_TYPE,
+                    time=_now(),
+                    topic=topic,
+                    payload=payload,
+                    content_type=BYTES_CONTENT_TYPE,
+                    headers={},
+                )
             return Envelope(
-                id=new_id(),
+                id=_envelope.next_id(),
                 source=self.source,
                 type=type or DEFAULT_TYPE,
                 time=_now(),
                 topic=topic,
                 payload=payload,
-                content_type=BYTES_CONTENT_TYPE
-                if isinstance(payload, bytes)
-                else JSON_CONTENT_TYPE,
                 headers={},
             )
         return Envelope(

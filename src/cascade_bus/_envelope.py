@@ -6,6 +6,7 @@ import base64
 import binascii
 import itertools
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
@@ -21,16 +22,31 @@ JSON_CONTENT_TYPE = "application/json"
 BYTES_CONTENT_TYPE = "application/octet-stream"
 DEFAULT_TYPE = "cascade_bus.message"
 
-_ID_PREFIX = os.urandom(6).hex()
-_ID_COUNTER = itertools.count(1)
 
+def _id_source() -> Callable[[], str]:
+    """A fresh id sequence: a random per-process prefix and a counter, joined in C.
 
-def new_id(_prefix: str = _ID_PREFIX + "-", _next: Any = _ID_COUNTER.__next__) -> str:
-    """Return a message id unique across processes: a random per-process prefix and a counter.
-
-    Much cheaper than `uuid.uuid4` on the publish path, and sortable within one process.
+    Much cheaper than `uuid.uuid4` on the publish path (no Python frame per id).
     """
-    return f"{_prefix}{_next():x}"
+    return map(f"{os.urandom(6).hex()}-".__add__, map(str, itertools.count(1))).__next__
+
+
+next_id = _id_source()
+"""Return a message id unique across processes (hot paths read it as a module attribute)."""
+
+
+def _reseed_ids() -> None:
+    # A forked child would otherwise repeat its parent's ids.
+    global next_id
+    next_id = _id_source()
+
+
+os.register_at_fork(after_in_child=_reseed_ids)
+
+
+def new_id() -> str:
+    """Return a message id unique across processes: a random per-process prefix and a counter."""
+    return next_id()
 
 
 class Envelope(

@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, Protocol, Self
 
+import msgspec
+
 from ._capabilities import Capabilities
 from ._errors import BusClosed
 from ._stats import StatsRecorder
@@ -22,8 +24,11 @@ from ._url import BusURL
 __all__ = ["Message", "MessageSink", "NetworkTransport", "Transport", "TransportSubscription"]
 
 
-class Message:
+class Message(msgspec.Struct, eq=False):
     """One message as a transport received it: a portable topic, the body and its metadata.
+
+    A msgspec Struct for a C-level constructor (one is built per message on every path);
+    compared by identity.
 
     Attributes:
         topic: The concrete portable topic (already translated back from the native name).
@@ -32,30 +37,19 @@ class Message:
         retained: True when this is a retained message replayed on subscribe.
         qos: The QoS the message was delivered with.
         ack: For at-least-once delivery, called after the handler finished; None otherwise.
+        local: Set only by in-process transports, which hand over the publisher's envelope
+            instead of a body: ``(envelope, payload_body, is_msgpack)``; `data` is then empty
+            and unused, and each subscription copies the payload from ``payload_body`` (None:
+            shared immutable bytes).
     """
 
-    __slots__ = ("ack", "data", "headers", "local", "qos", "retained", "topic")
-
-    def __init__(
-        self,
-        topic: str,
-        data: bytes,
-        headers: Mapping[str, str] | None = None,
-        *,
-        retained: bool = False,
-        qos: int = 0,
-        ack: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
-        self.topic = topic
-        self.data = data
-        self.headers = headers
-        self.retained = retained
-        self.qos = qos
-        self.ack = ack
-        # In-process transports may hand over the publisher's envelope instead of a body:
-        # ``(envelope, payload_body, is_msgpack)``; `data` is then empty and unused, and each
-        # subscription copies the payload from ``payload_body`` (None: shared immutable bytes).
-        self.local: tuple[Any, bytes | None, bool] | None = None
+    topic: str
+    data: bytes
+    headers: Mapping[str, str] | None = None
+    retained: bool = False
+    qos: int = 0
+    ack: Callable[[], Awaitable[None]] | None = None
+    local: tuple[Any, bytes | None, bool] | None = None
 
     def __repr__(self) -> str:
         return (
