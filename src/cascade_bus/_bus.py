@@ -189,6 +189,8 @@ class Bus:
         self._publish_local: Callable[..., Awaitable[None] | None] | None = (
             getattr(transport, "publish_local", None) if self._format != "raw" else None
         )
+        # An in-process transport's limit is fixed when it is built: no property call per message.
+        self._local_limit = transport.max_payload if self._publish_local is not None else None
         # Optional transport fast path: deliver synchronously, return an awaitable only to wait.
         self._publish_nowait: Callable[..., Awaitable[None] | None] | None = getattr(
             transport, "publish_nowait", None
@@ -466,7 +468,7 @@ class Bus:
         """In-process publish: the envelope and its encoded payload, never the full body."""
         local = self._codec.local(env)
         body = local[1]
-        limit = self.transport.max_payload
+        limit = self._local_limit
         # The payload bounds the full body from below: encode the whole envelope only when
         # the payload comes within 1 KiB of the limit.
         if (
