@@ -19,8 +19,8 @@ What is asserted ("exactly once" made precise):
 - SIGKILL of one (slow) worker mid-run at QoS 1 -- what each broker guarantees: Redis and NATS
   lose nothing (XAUTOCLAIM after ``claim_idle``; JetStream redelivery after ``ack_wait``);
   MQTT on Mosquitto 2.0.11 is at most once (the dead member's unacknowledged messages go with
-  its session), and a restarted persistent-session member drops, counted, what arrives before
-  its ``subscribe()`` (bugs.md S1, strict xfail).
+  its session), and a restarted persistent-session member handles the share the broker kept for
+  it: what arrives before its ``subscribe()`` waits for it in the adapter (issue 3, S1).
 
 Every wait is bounded and event-driven (a worker's ``ready`` line, records arriving, a will, a
 ``$SYS`` update); workers are killed in the fixture teardown whatever happens.
@@ -532,10 +532,10 @@ async def test_mqtt_persistent_session_restart_counts_what_it_drops(
     With ``clean_start=false`` and a fixed ``client_id`` Mosquitto keeps routing 1/N of the
     messages to the dead member's session and sends them (unacked ones again, DUP) as soon as
     a process with that client_id connects -- before that process could call ``subscribe()``.
-    The adapter then has no subscription for them: it counts them as ``no_subscriber`` and
-    acknowledges them (bugs.md S1). Asserted (holds before and after a fix of S1): every lost
-    message is counted by the restarted member; it counts at most one more -- the message
-    its predecessor handled but died before acknowledging.
+    Before the S1 fix the adapter counted them as ``no_subscriber`` and acknowledged them; now
+    it holds them for ``subscribe()``. Asserted (held before the fix and after it, where both
+    sides are 0): every lost message is counted by the restarted member; it counts at most one
+    more -- the message its predecessor handled but died before acknowledging.
     """
     _, lost, dropped = await _persistent_member_restarted(
         private_mosquitto(extra_config="max_inflight_messages 20\n").url, _ledger(ledger_for), pool
@@ -546,18 +546,21 @@ async def test_mqtt_persistent_session_restart_counts_what_it_drops(
 
 @pytest.mark.mqtt
 @pytest.mark.fault
-@pytest.mark.xfail(
-    strict=True,
-    reason="bugs.md S1: a resumed MQTT session's messages arrive before subscribe() and are "
-    "dropped (counted as no_subscriber) instead of handled",
-)
 async def test_mqtt_persistent_session_restart_recovers_the_victims_share(
     private_mosquitto: Callable[..., Any],
     ledger_for: Callable[[str], str | None],
     pool: Pool,
 ) -> None:
-    """What a work queue needs: the restarted member handles the share kept for it."""
-    _, lost, _ = await _persistent_member_restarted(
+    """What a work queue needs: the restarted member handles the share kept for it (S1).
+
+    The backlog that arrives before its ``subscribe()`` waits in the adapter's unclaimed
+    buffer and ``subscribe()`` claims it. Nothing is lost or dropped; a message handled twice
+    is one the broker redelivered (its predecessor died before the ack) and counted.
+    """
+    results, lost, dropped = await _persistent_member_restarted(
         private_mosquitto(extra_config="max_inflight_messages 20\n").url, _ledger(ledger_for), pool
     )
     assert not lost
+    assert not dropped
+    extras = results.total - len(results.handled)
+    assert extras <= _duplicates(results, NAMES)

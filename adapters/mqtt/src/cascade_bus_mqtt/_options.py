@@ -42,6 +42,10 @@ class MqttOptions:
     transport: Literal["tcp", "websockets"]  # websockets for ws:// and wss://
     ws_path: str
     presence_topic: str | None
+    # Persistent sessions: received messages held for a subscribe() not made yet (0: none).
+    unclaimed_buffer: int
+    # MQTT 5 Receive Maximum announced in CONNECT (0: not announced, the broker's window).
+    receive_maximum: int
 
     def __repr__(self) -> str:
         return (
@@ -63,6 +67,7 @@ class MqttOptions:
             "keyfile", "tls_verify", "will_topic", "will_payload", "will_qos", "will_retain",
             "reconnect", "reconnect_min", "reconnect_max", "offline_buffer", "max_inflight",
             "tcp_nodelay", "username", "password", "presence_topic", "ws_path",
+            "unclaimed_buffer", "receive_maximum",
         }  # fmt: skip
         unknown = sorted(set(opts) - known)
         if unknown:
@@ -93,15 +98,29 @@ class MqttOptions:
                 raise InvalidURL(f"presence_topic={presence_topic!r}: {exc}") from None
         if isinstance(will_payload, str):
             will_payload = will_payload.encode()
+        version = _VERSIONS[version_text]
+        clean_start = parse_bool("clean_start", opts.get("clean_start", True))
+        unclaimed = parse_int("unclaimed_buffer", opts.get("unclaimed_buffer", 1024))
+        if "receive_maximum" in opts:
+            receive_maximum = parse_int("receive_maximum", opts["receive_maximum"])
+            if receive_maximum > 65_535:
+                raise InvalidURL(
+                    f"receive_maximum={receive_maximum}: MQTT allows 1 to 65535 (0: not sent)"
+                )
+        else:
+            # A resumed session's backlog then waits at the broker (unacknowledged, safe from
+            # a crash) instead of overflowing the unclaimed buffer before subscribe().
+            persistent = not clean_start and version == 5
+            receive_maximum = min(unclaimed, 65_535) if persistent else 0
         return cls(
             host=url.host or "127.0.0.1",
             port=url.port or default_port,
             username=opts.get("username", url.username),
             password=opts.get("password", url.password),
             client_id=str(opts.get("client_id") or f"cascade-bus-{os.urandom(6).hex()}"),
-            version=_VERSIONS[version_text],
+            version=version,
             keepalive=parse_int("keepalive", opts.get("keepalive", 60)),
-            clean_start=parse_bool("clean_start", opts.get("clean_start", True)),
+            clean_start=clean_start,
             tls=_tls_context(opts) if tls_wanted else None,
             will_topic=opts.get("will_topic"),
             will_payload=bytes(will_payload),
@@ -116,6 +135,8 @@ class MqttOptions:
             transport="websockets" if websockets else "tcp",
             ws_path=str(opts.get("ws_path", "/mqtt")),
             presence_topic=None if presence_topic is None else str(presence_topic),
+            unclaimed_buffer=unclaimed,
+            receive_maximum=receive_maximum,
         )
 
 

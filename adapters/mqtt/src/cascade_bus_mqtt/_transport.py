@@ -19,6 +19,10 @@ Reliability, which aiomqtt 2.x leaves to the user:
   replay caused by one subscribe reaches only that subscription.
 - Every wait on the broker during (re)connect and subscribe races the connection's loss, so a
   broker that goes away mid-handshake costs one failed attempt, not aiomqtt's 10 s timeout.
+- Persistent sessions (``clean_start=false``): a restarted process receives its session's
+  backlog right after CONNACK, before ``subscribe()`` could run. Such messages (no local
+  route) wait in a bounded *unclaimed* buffer; ``subscribe()`` claims the ones its filter
+  matches, in arrival order, before its barrier returns (see `MqttTransport._claim`).
 - Presence (``presence_topic``): on every (re)connect a retained ``{"online": true, ...}`` is
   published (QoS 1, acknowledged before ``connect`` returns); the will, set to the retained
   ``{"online": false, ...}``, marks a crash; a clean ``aclose`` publishes it itself first.
@@ -79,6 +83,9 @@ _OUT_HIGH = 2048  # paho packets waiting for the socket before a QoS 0 publisher
 _BARRIER_ID = 1
 _COALESCE_BYTES = 64 * 1024  # at most this much of paho's queue goes into one send
 _NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK/PUBREC reason code (a success code)
+# Persistent sessions start their subscription identifiers at a random point below this
+# (MQTT allows up to 268,435,455), so a restarted process does not reuse its predecessor's.
+_ID_SPREAD = 1 << 27
 
 _V5_CAPS = Capabilities(
     max_qos=2,
@@ -269,7 +276,9 @@ class MqttTransport(NetworkTransport):
     ``tls_verify`` (mqtts), ``will_topic``/``will_payload``/``will_qos``/``will_retain``,
     ``reconnect`` (true), ``reconnect_min``/``reconnect_max`` (backoff bounds, s),
     ``offline_buffer`` (10,000 messages), ``max_inflight`` (20), ``tcp_nodelay`` (true),
-    ``presence_topic`` (none).
+    ``presence_topic`` (none), ``unclaimed_buffer`` (1,024 messages; persistent sessions),
+    ``receive_maximum`` (MQTT 5; 0 = not sent, the default for clean sessions; persistent
+    sessions send ``unclaimed_buffer``).
 
     Presence: with ``presence_topic="devices/pump-1/status"`` the transport keeps a retained
     JSON status on that topic, ``{"online": true, "client_id": "<client_id>"}`` after every
@@ -281,7 +290,8 @@ class MqttTransport(NetworkTransport):
     replaces ``will_topic`` (combining both is an `InvalidURL`).
 
     ``clean_start=false`` (with a fixed ``client_id``) resumes the broker session across
-    reconnects; with MQTT 5 the adapter asks for an unlimited Session Expiry Interval.
+    reconnects; with MQTT 5 the adapter asks for an unlimited Session Expiry Interval. A new
+    process resuming the session gets the backlog before it subscribes: see `_claim`.
     """
 
     capabilities: Capabilities = _V5_CAPS
@@ -299,7 +309,14 @@ class MqttTransport(NetworkTransport):
         self._supervisor: asyncio.Task[None] | None = None
         self._entries: dict[str, _Entry] = {}
         self._by_id: dict[int, _Entry] = {}
-        self._ids = itertools.count(_BARRIER_ID + 1)
+        self._persistent = not self._opts.clean_start
+        # Subscription identifiers of a previous process on this session stay on the messages
+        # the broker queued for it; a random start keeps ours from colliding with them.
+        self._id_base = _BARRIER_ID + 1
+        if self._persistent:
+            self._id_base += int.from_bytes(os.urandom(4), "big") % _ID_SPREAD
+        self._ids = itertools.count(self._id_base)
+        self._id_last = _BARRIER_ID
         self._sub_lock = asyncio.Lock()
         self._window: _Entry | None = None
         self._barrier_topic = f"{RESERVED_PREFIX}barrier/{os.urandom(8).hex()}"
@@ -318,6 +335,17 @@ class MqttTransport(NetworkTransport):
         self._lost_cause: BaseException | None = None
         # PUBACKs awaited by the adapter itself (presence), by mid of the current client.
         self._control: dict[int, asyncio.Future[None]] = {}
+        # Persistent sessions only: received messages no local subscription wanted yet, with
+        # their ack while still unacknowledged (see _take and _claim); None: dropped as before.
+        self._unclaimed: deque[tuple[Message, _Ack | None]] | None = None
+        if self._persistent and self._opts.unclaimed_buffer > 0:
+            self._unclaimed = deque()
+        # True until the first subscribe() or flush(): held messages stay unacknowledged.
+        self._hold_unacked = True
+        # The subscription whose barrier is pending: it takes the backlog that matches it.
+        self._claimer: tuple[str, MessageSink] | None = None
+        self._warned_unclaimed = False
+        self._held_more = asyncio.Event()
 
     def __repr__(self) -> str:
         state = "connected" if self._connected else "disconnected"
@@ -329,8 +357,24 @@ class MqttTransport(NetworkTransport):
 
     @property
     def buffered(self) -> int:
-        """Messages waiting in the offline buffer for the connection to come back."""
-        return len(self._offline)
+        """Messages in the offline buffer, plus received ones waiting to be claimed."""
+        held = self._unclaimed
+        return len(self._offline) + (len(held) if held else 0)
+
+    @property
+    def unclaimed(self) -> int:
+        """Received messages held for a ``subscribe()`` that has not claimed them yet."""
+        held = self._unclaimed
+        return len(held) if held else 0
+
+    async def wait_unclaimed(self, count: int) -> None:
+        """Wait until at least ``count`` messages are held unclaimed (tests, health checks).
+
+        Unbounded: wrap it in ``asyncio.timeout``.
+        """
+        while self.unclaimed < count:
+            self._held_more.clear()
+            await self._held_more.wait()
 
     @property
     def max_payload(self) -> int | None:
@@ -349,9 +393,12 @@ class MqttTransport(NetworkTransport):
         if o.presence_topic:
             will = aiomqtt.Will(o.presence_topic, self.presence_payload(False), 1, True)
         properties = None
-        if self._v5 and not o.clean_start:
+        if self._v5 and (not o.clean_start or o.receive_maximum):
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            properties.SessionExpiryInterval = 0xFFFFFFFF
+            if not o.clean_start:
+                properties.SessionExpiryInterval = 0xFFFFFFFF
+            if o.receive_maximum:
+                properties.ReceiveMaximum = o.receive_maximum
         return aiomqtt.Client(
             o.host,
             o.port,
@@ -682,8 +729,14 @@ class MqttTransport(NetworkTransport):
                 await self._publish_control(presence, self.presence_payload(False), retain=True)
             except (ConnectionLost, PublishError) as exc:
                 log.warning("could not publish the offline presence to %r: %s", presence, exc)
+        if self._unclaimed is not None:
+            self._release_held()  # acknowledged before the DISCONNECT: the broker forgets them
         await self._drop_client()
         self._set_connected(False)
+        held = self._unclaimed
+        if held:  # never claimed: counted once, here (arrivals during the close included)
+            self.stats.drop(DropReason.NO_SUBSCRIBER, len(held))
+            held.clear()
         if self._offline or self._inflight:
             self._fail_waiting(BusClosed("the MQTT transport was closed"))
         for fut in self._barriers.values():
@@ -824,6 +877,8 @@ class MqttTransport(NetworkTransport):
         Raises:
             TimeoutError: not done within ``timeout`` seconds.
         """
+        if self._unclaimed is not None:
+            self._release_held()  # held messages must not hold the window the barrier needs
         async with asyncio.timeout(timeout):
             while True:
                 await self._idle.wait()
@@ -885,11 +940,118 @@ class MqttTransport(NetworkTransport):
                 if topic_matches(entry.pattern, topic):
                     delivered += self._deliver(entry, message, retained)
         if not delivered:
-            # Nothing here subscribes to it (a resumed session delivering before subscribe(),
-            # or a subscription just removed): counted, and acknowledged so it is not resent.
+            if self._unclaimed is not None and not retained and self._foreign(ids):
+                # A persistent session's backlog, routed by a previous process's
+                # subscriptions: held for the subscribe() that will want it.
+                self._take(message, ack)
+                return
+            # Nothing here subscribes to it (a subscription just removed, a retained replay
+            # for a queue subscription, a clean session's stray message): counted, and
+            # acknowledged so it is not resent.
             self.stats.drop(DropReason.NO_SUBSCRIBER)
         if ack is not None:
             ack.expect(delivered)
+
+    # -- persistent sessions: the backlog that arrives before subscribe() ---------------------
+
+    def _foreign(self, ids: list[int] | None) -> bool:
+        """True unless one of the message's subscription identifiers is one we issued.
+
+        A message still tagged with one of our own identifiers (a subscription just removed)
+        is a plain stray; anything else (a previous process's identifiers, or none: MQTT
+        3.1.1) may be a resumed session's backlog.
+        """
+        if not ids:
+            return True
+        low, high = self._id_base, self._id_last
+        return all(not low <= sub_id <= high for sub_id in ids)
+
+    def _take(self, message: Message, ack: _Ack | None) -> None:
+        """Hand an unrouted message to the subscription being made, or hold it (bounded).
+
+        Held messages stay unacknowledged until the first ``subscribe()`` or ``flush()``, so a
+        crash before that loses nothing (the broker resends them); with MQTT 5 the Receive
+        Maximum we announce bounds how many the broker sends that way. From then on they are
+        acknowledged on arrival: an unacknowledged one holds a slot of the broker's in-flight
+        window, and a full window would keep the QoS 1 barrier of ``subscribe()`` out for ever.
+        """
+        claimer = self._claimer
+        if claimer is not None and topic_matches(claimer[0], message.topic):
+            # Its barrier is pending: everything the broker queued before the SUBSCRIBE
+            # arrives before the barrier, so this is the tail of that subscription's backlog.
+            if ack is not None:
+                ack.expect(1)
+            if not claimer[1].deliver(message):
+                self._full.append(claimer[1])
+            return
+        held = self._unclaimed
+        assert held is not None
+        if len(held) >= self._opts.unclaimed_buffer:
+            self.stats.drop(DropReason.OVERFLOW)
+            if not self._warned_unclaimed:
+                self._warned_unclaimed = True
+                log.warning(
+                    "%d messages of the resumed session wait for a subscribe() that wants "
+                    "them (unclaimed_buffer); further ones are counted in "
+                    "stats().dropped['overflow']",
+                    len(held),
+                )
+            if ack is not None:
+                ack.expect(0)
+            return
+        if ack is not None and not self._hold_unacked:
+            ack.expect(0)
+            message.ack = None
+            ack = None
+        held.append((message, ack))
+        self._held_more.set()
+
+    def _release_held(self) -> None:
+        """Acknowledge every held message now (they stay held) and hold new ones acknowledged."""
+        self._hold_unacked = False
+        held = self._unclaimed
+        if not held:
+            return
+        released: list[tuple[Message, _Ack | None]] = []
+        for message, ack in held:
+            if ack is not None:
+                ack.expect(0)
+                message.ack = None
+            released.append((message, None))
+        held.clear()
+        held.extend(released)
+
+    def _claim(self, pattern: str, sink: MessageSink) -> None:
+        """Give a new subscription the held messages its filter matches, in arrival order.
+
+        Each goes to this subscription only, once (the broker's copy was meant for the
+        previous process's subscription, which this one replaces); one still unacknowledged
+        is acknowledged after its handler ran, as usual. The rest is acknowledged now (see
+        `_take`) and stays held for later subscriptions; whatever is never claimed is
+        counted as ``no_subscriber`` when the transport closes. Matching is by topic: a
+        message is claimed by the first ``subscribe()`` whose filter matches it, whatever
+        its queue group.
+        """
+        held = self._unclaimed
+        assert held is not None
+        self._hold_unacked = False
+        keep: deque[tuple[Message, _Ack | None]] = deque()
+        full = False
+        for message, ack in held:
+            if topic_matches(pattern, message.topic):
+                if ack is not None:
+                    ack.expect(1)
+                if not sink.deliver(message):
+                    full = True
+            else:
+                if ack is not None:
+                    ack.expect(0)
+                    message.ack = None
+                keep.append((message, None))
+        held.clear()
+        held.extend(keep)
+        if full:
+            self._full.append(sink)  # reading pauses until the handler made room
 
     def _pause_reading(self, paho: paho_mqtt.Client) -> None:
         """Stop reading from the broker until every full subscription has room again.
@@ -1009,16 +1171,22 @@ class MqttTransport(NetworkTransport):
             if entry is None:
                 entry = _Entry(native, pattern, queue, qos)
             old_id = entry.sub_id
-            entry.sub_id = next(self._ids)
+            entry.sub_id = self._id_last = next(self._ids)
             entry.qos = max(entry.qos, qos)
             entry.sinks.append(sink)
             entry.fresh = sink if queue is None else None
             self._entries[native] = entry
             self._by_id[entry.sub_id] = entry
             self._window = entry
+            barrier_qos = entry.qos
+            if self._unclaimed is not None:
+                self._claim(pattern, sink)
+                self._claimer = (pattern, sink)
+                # QoS 1: queued behind the whole backlog, which so reaches us before it.
+                barrier_qos = 1
             try:
                 await self._subscribe_native(native, entry.qos, entry.sub_id)
-                await self._barrier(entry.qos)
+                await self._barrier(barrier_qos)
             except BaseException:
                 entry.sinks.remove(sink)
                 if created:
@@ -1029,6 +1197,7 @@ class MqttTransport(NetworkTransport):
             finally:
                 entry.fresh = None
                 self._window = None
+                self._claimer = None
             if old_id:
                 self._by_id.pop(old_id, None)
         return _Handle(self, entry, sink)
