@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeAlias, TypeVar, cast
 
+import msgspec
+
 from ._envelope import Envelope
 from ._errors import BusClosed, DecodeError
 from ._middleware import Next, Step, compose
@@ -201,6 +203,12 @@ class Subscription(Generic[T]):
                 return self._overflow == "drop_newest"
             self._release(buf.popleft())
             self._processed += 1  # the discarded one will never be handled
+        if message.ack is not None and message.retained and self._handler is None:
+            # An iterator cannot run before subscribe() returns, so holding retained replays
+            # unacknowledged could fill the broker's in-flight window and keep subscribe()
+            # from completing. The broker keeps the retained copy: acknowledging now is safe.
+            self._release(message)
+            message = msgspec.structs.replace(message, ack=None)
         buf.append(message)
         self._received += 1
         waiter = self._waiter
@@ -211,8 +219,9 @@ class Subscription(Generic[T]):
         return len(buf) < self._high or self._overflow != "block"
 
     def _release(self, message: Message) -> None:
-        """Acknowledge a message this subscription will not handle (it was dropped, counted).
+        """Acknowledge now a message that will not be acknowledged after a handler ran.
 
+        That is one this subscription dropped (counted), or an iterator's retained replay.
         Without the ack an at-least-once transport would keep it in flight forever and stall.
         """
         if message.ack is not None:
