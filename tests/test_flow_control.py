@@ -489,6 +489,39 @@ async def test_publish_middleware_can_reroute_and_its_errors_reach_the_publisher
     assert (env.topic, env.payload) == (elsewhere, "hello")
 
 
+@pytest.mark.parametrize("fmt", ["json", "msgpack", "raw"])
+async def test_a_pass_through_publish_middleware_changes_nothing_subscribers_see(fmt: str) -> None:
+    class PassThrough(Middleware):
+        async def publish(self, env: Envelope[Any], call_next: Next) -> None:
+            await call_next(env)
+
+    def seen(env: Envelope[Any]) -> tuple[Any, ...]:
+        return (env.topic, env.type, env.payload, env.content_type, env.headers,
+                env.correlation_id, env.reply_to)  # fmt: skip
+
+    cases: list[tuple[Any, dict[str, Any]]] = [
+        ({"a": [1, 2], "b": {"c": None}}, {}),
+        (b"\x00\xffbytes", {}),
+        ("text", {"headers": {"h": "v"}, "type": "custom.type"}),
+        ([1.5, True], {"correlation_id": "c-1", "reply_to": "some/inbox"}),
+    ]
+    url = mem()
+    t = new_topic()
+    got: dict[str, list[tuple[Any, ...]]] = {}
+    for name, middleware in (("plain", []), ("wrapped", [PassThrough()])):
+        async with (
+            cascade_bus.connect(url, format=fmt, middleware=middleware) as publisher,
+            cascade_bus.connect(url, format=fmt) as subscriber,
+            subscriber.subscribe(t) as sub,
+        ):
+            for payload, options in cases:
+                await publisher.publish(t, payload, **options)
+            got[name] = [seen(await sub.get(timeout=WAIT)) for _ in cases]
+            with pytest.raises(PayloadTooLarge):
+                await publisher.publish(t, "x" * 2_000_000)
+    assert got["wrapped"] == got["plain"]
+
+
 async def test_middleware_must_be_middleware_instances() -> None:
     with pytest.raises(TypeError, match="Middleware instances"):
         cascade_bus.connect(mem(), middleware=[print])

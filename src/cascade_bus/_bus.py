@@ -179,7 +179,7 @@ class Bus:
         self._report_overflow = True
         self._background: set[asyncio.Task[None]] = set()  # acks of dropped messages
         self._raw_headers = self._format == "raw" and self.capabilities.headers
-        static = {"ce-specversion": "1.0", "ce-source": self._codec.source}
+        static = {"ce-specversion": "1.0", "ce-source": self._codec.source, "ce-type": DEFAULT_TYPE}
         self._raw_static_headers: Mapping[str, str] = MappingProxyType(static)
         self._raw_octet_headers: Mapping[str, str] = MappingProxyType(
             {**static, "content-type": "application/octet-stream"}
@@ -394,7 +394,17 @@ class Bus:
             )  # fmt: skip
 
             async def send(final: Envelope[Any]) -> None:
-                validate_topic(final.topic)
+                if final.topic is not topic:  # a middleware may have changed it
+                    validate_topic(final.topic)
+                if (
+                    self._publish_local is not None
+                    and not retain
+                    and (builtins.type(final.payload) is not bytes or final.payload)
+                ):
+                    pending = self._send_local(final, qos)
+                    if pending is not None:
+                        await pending
+                    return
                 custom_type = None if final.type == DEFAULT_TYPE else final.type
                 data, native = self._encode(
                     final.topic, final.payload, final.headers, custom_type,
