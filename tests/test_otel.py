@@ -17,13 +17,32 @@ import pytest
 
 pytest.importorskip("opentelemetry.sdk", reason="needs opentelemetry-sdk (the test extra)")
 
+from opentelemetry import baggage, propagate, trace
+from opentelemetry import context as otel_context
 from opentelemetry.metrics import NoOpMeterProvider
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import (
+    CarrierT,
+    Getter,
+    Setter,
+    TextMapPropagator,
+    default_getter,
+    default_setter,
+)
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import NoOpTracerProvider, SpanKind, StatusCode
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    NoOpTracerProvider,
+    SpanContext,
+    SpanKind,
+    StatusCode,
+    TraceFlags,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import cascade_bus
 from cascade_bus import Bus, DropReason, Envelope, PayloadTooLarge
@@ -370,6 +389,200 @@ def test_messaging_system_is_the_scheme_without_its_tls_variant(
     otel = tracing.middleware()
     otel.bind(cascade_bus.connect(url, middleware=[otel]))  # built, never opened
     assert otel.system == system
+
+
+# -- propagation -------------------------------------------------------------------------------
+#
+# With the default global propagator (W3C Trace Context + Baggage) the middleware writes and parses
+# traceparent itself; these tests hold it to what the propagator API does, and check that any other
+# propagator is used as configured.
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+SPAN_ID = "b7ad6b7169203331"
+CARRIERS: dict[str, dict[str, str]] = {
+    "sampled": {"traceparent": f"00-{TRACE_ID}-{SPAN_ID}-01"},
+    "not sampled": {"traceparent": f"00-{TRACE_ID}-{SPAN_ID}-00"},
+    "sampled, random trace id": {"traceparent": f"00-{TRACE_ID}-{SPAN_ID}-03"},
+    "with tracestate": {"traceparent": f"00-{TRACE_ID}-{SPAN_ID}-01", "tracestate": "v=1,w=2"},
+    "with baggage": {"traceparent": f"00-{TRACE_ID}-{SPAN_ID}-01", "baggage": "user=al%20ice,t=1"},
+    "baggage only": {"baggage": "user=bob"},
+    "future version": {"traceparent": f"01-{TRACE_ID}-{SPAN_ID}-01-more"},
+    "leading blanks": {"traceparent": f"  00-{TRACE_ID}-{SPAN_ID}-01"},
+    "upper case": {"traceparent": f"00-{TRACE_ID.upper()}-{SPAN_ID}-01"},
+    "zero trace id": {"traceparent": f"00-{'0' * 32}-{SPAN_ID}-01"},
+    "zero span id": {"traceparent": f"00-{TRACE_ID}-{'0' * 16}-01"},
+    "version ff": {"traceparent": f"ff-{TRACE_ID}-{SPAN_ID}-01"},
+    "version 00 with more": {"traceparent": f"00-{TRACE_ID}-{SPAN_ID}-01-more"},
+    "garbage": {"traceparent": "garbage"},
+}
+
+
+@pytest.mark.parametrize("carrier", CARRIERS.values(), ids=CARRIERS.keys())
+async def test_the_handler_continues_exactly_what_the_propagator_extracts(
+    tracing: Tracing, buses: list[Bus], carrier: dict[str, str]
+) -> None:
+    url = mem()
+    subscriber = await tracing.bus(url)
+    plain = await cascade_bus.connect(url)  # a foreign publisher: the headers as they are
+    buses += [subscriber, plain]
+    t = new_topic()
+    seen: list[tuple[SpanContext, dict[str, object]]] = []
+
+    def handler(env: Envelope[Any]) -> None:
+        seen.append((trace.get_current_span().get_span_context(), dict(baggage.get_all())))
+
+    await subscriber.subscribe(t, handler)
+    await plain.publish(t, 1, headers=carrier)
+    await until(lambda: bool(seen), "the handler")
+
+    expected = propagate.extract(carrier)  # the API's answer, the reference
+    parent = trace.get_current_span(expected).get_span_context()
+    current, handler_baggage = seen[0]
+    assert handler_baggage == dict(baggage.get_all(expected))
+    if not parent.is_valid:
+        assert current.trace_id != int(TRACE_ID, 16)  # a new trace
+        (process,) = await tracing.wait_for(1)
+        assert process.parent is None
+        return
+    assert current.trace_id == parent.trace_id
+    assert current.trace_state == parent.trace_state
+    assert current.trace_flags.sampled == parent.trace_flags.sampled
+    if parent.trace_flags.sampled:
+        (process,) = await tracing.wait_for(1)
+        assert process.parent == parent  # ids, flags, tracestate, remote
+    else:  # the unsampled decision is followed: nothing recorded
+        await until(lambda: subscriber.stats().delivered == 1, "the handler to return")
+        assert tracing.spans == ()
+
+
+async def test_the_producer_injects_what_the_propagator_would(
+    tracing: Tracing, buses: list[Bus]
+) -> None:
+    bus = await tracing.bus(mem())
+    buses.append(bus)
+    t = new_topic()
+    sub = await bus.subscribe(t)
+    with_baggage = baggage.set_baggage("user", "al ice", baggage.set_baggage("tenant", "t1"))
+    token = otel_context.attach(with_baggage)
+    try:
+        await bus.publish(t, 1, headers={"k": "v"})
+    finally:
+        otel_context.detach(token)
+    env = await sub.get(timeout=WAIT)
+    (producer,) = await tracing.wait_for(1)
+    assert producer.context is not None
+
+    expected: dict[str, str] = {"k": "v"}
+    propagate.inject(expected, trace.set_span_in_context(NonRecordingSpan(producer.context)))
+    propagate.inject(expected, with_baggage)  # baggage from the publisher's context
+    assert env.headers == expected
+    assert set(expected) == {"k", "traceparent", "baggage"}
+
+
+async def test_tracestate_follows_its_trace_and_is_dropped_with_a_replaced_traceparent(
+    tracing: Tracing, buses: list[Bus]
+) -> None:
+    bus = await tracing.bus(mem())
+    buses.append(bus)
+    t = new_topic()
+    sub = await bus.subscribe(t)
+    foreign = {"traceparent": f"00-{TRACE_ID}-{SPAN_ID}-01", "tracestate": "v=1,w=2"}
+
+    # No current span: the publish continues the headers' trace, tracestate included.
+    await bus.publish(t, 1, headers=foreign)
+    continued = await sub.get(timeout=WAIT)
+    (producer,) = await tracing.wait_for(1)
+    assert producer.parent is not None
+    assert producer.parent.trace_id == int(TRACE_ID, 16)
+    assert continued.headers["traceparent"] == traceparent_of(producer)
+    assert continued.headers["tracestate"] == "v=1,w=2"
+
+    # Inside another trace: the old traceparent is replaced, its tracestate must not stay.
+    with tracing.provider.get_tracer("app").start_as_current_span("request") as root:
+        await bus.publish(t, 2, headers=foreign)
+    replaced = await sub.get(timeout=WAIT)
+    assert (
+        replaced.headers["traceparent"].split("-")[1] == f"{root.get_span_context().trace_id:032x}"
+    )
+    assert "tracestate" not in replaced.headers
+
+
+class SpanIdPropagator(TextMapPropagator):
+    """A made-up propagator: trace and span id in one ``x-span`` header."""
+
+    def extract(
+        self,
+        carrier: CarrierT,
+        context: otel_context.Context | None = None,
+        getter: Getter[CarrierT] = default_getter,
+    ) -> otel_context.Context:
+        context = otel_context.Context() if context is None else context
+        values = getter.get(carrier, "x-span")
+        if not values:
+            return context
+        trace_id, span_id = (int(part, 16) for part in values[0].split(":"))
+        remote = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(1))
+        return trace.set_span_in_context(NonRecordingSpan(remote), context)
+
+    def inject(
+        self,
+        carrier: CarrierT,
+        context: otel_context.Context | None = None,
+        setter: Setter[CarrierT] = default_setter,
+    ) -> None:
+        span_context = trace.get_current_span(context).get_span_context()
+        if span_context.is_valid:
+            setter.set(carrier, "x-span", f"{span_context.trace_id:x}:{span_context.span_id:x}")
+
+    @property
+    def fields(self) -> set[str]:
+        return {"x-span"}
+
+
+@pytest.fixture
+def restore_textmap() -> Iterator[TextMapPropagator]:
+    """The global propagator as it was; set again after the test."""
+    saved = propagate.get_global_textmap()
+    yield saved
+    propagate.set_global_textmap(saved)
+
+
+@pytest.mark.parametrize(
+    ("propagators", "fields"),
+    [
+        ([SpanIdPropagator()], {"x-span"}),
+        ([TraceContextTextMapPropagator(), SpanIdPropagator()], {"x-span", "traceparent"}),
+    ],
+    ids=["custom only", "W3C and custom"],
+)
+async def test_a_configured_propagator_is_used(
+    tracing: Tracing,
+    buses: list[Bus],
+    restore_textmap: TextMapPropagator,
+    propagators: list[TextMapPropagator],
+    fields: set[str],
+) -> None:
+    url = mem()
+    publisher = await tracing.bus(url)
+    subscriber = await tracing.bus(url)
+    buses += [publisher, subscriber]
+    t = new_topic()
+    inbox = Inbox()
+    await subscriber.subscribe(t, inbox)
+
+    propagate.set_global_textmap(CompositePropagator(propagators))
+    await publisher.publish(t, 1)
+    (env,) = await inbox.wait_for(1)
+    await tracing.wait_for(2)
+    assert set(env.headers) == fields
+    (producer,) = tracing.named(f"{t} publish")
+    (consumer,) = tracing.named(f"{t} process")
+    assert_child_of(consumer, producer)
+
+    propagate.set_global_textmap(restore_textmap)  # back to the default: traceparent again
+    await publisher.publish(t, 2)
+    (_, again) = await inbox.wait_for(2)
+    assert set(again.headers) == {"traceparent"}
 
 
 # -- metrics -----------------------------------------------------------------------------------
