@@ -12,7 +12,9 @@ from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Self, TypeVar, overload
 
+from . import _envelope
 from ._codec import Codec, WireFormat, check_format, decoder_for
+from ._codec import now_utc as _now
 from ._envelope import DEFAULT_TYPE, Envelope, new_id
 from ._errors import (
     BusClosed,
@@ -142,6 +144,7 @@ class Bus:
         self._scheme = transport.url.scheme
         self._format: WireFormat = check_format(bus_options.get("format", "json"))
         self._codec = Codec(self._format, str(bus_options.get("source") or _default_source()))
+        self._source = self._codec.source
         self._buffer_size = parse_int("buffer_size", bus_options.get("buffer_size", 10_000))
         if self._buffer_size < 1:
             raise InvalidURL("buffer_size must be at least 1")
@@ -421,10 +424,16 @@ class Bus:
             and not retain
             and (builtins.type(payload) is not bytes or payload)
         ):
-            env = self._codec.envelope(
-                topic, payload, headers=headers, correlation_id=correlation_id,
-                reply_to=reply_to, type=type,
-            )  # fmt: skip
+            if headers or correlation_id or reply_to or type or builtins.type(payload) is bytes:
+                env = self._codec.envelope(
+                    topic, payload, headers=headers, correlation_id=correlation_id,
+                    reply_to=reply_to, type=type,
+                )  # fmt: skip
+            else:  # `Codec.envelope` inlined for the common case: ~200 ns less per message
+                env = Envelope(
+                    id=_envelope.next_id(), source=self._source, type=DEFAULT_TYPE,
+                    time=_now(), topic=topic, payload=payload, headers={},
+                )  # fmt: skip
             pending = self._send_local(env, qos)
             if pending is not None:
                 await pending

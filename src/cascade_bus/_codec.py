@@ -36,7 +36,8 @@ FORMATS: tuple[WireFormat, ...] = ("json", "msgpack", "raw")
 
 _json_encoder = msgspec.json.Encoder()
 _json_encode = _json_encoder.encode
-_now = partial(datetime.now, UTC)
+now_utc = _now = partial(datetime.now, UTC)
+"""The current UTC time (an envelope's ``time``), without a Python frame."""
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _json_any = msgspec.json.Decoder()
 # First bytes of a MessagePack map (fixmap, map16, map32): how we tell msgpack from JSON.
