@@ -9,8 +9,11 @@ event-driven: a handler call, a transport state change (`NatsTransport.wait_conn
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -275,3 +278,46 @@ async def test_unique_consumer_per_subscription_removed_on_unsubscribe(
         assert await jsm.consumers_info("CASCADE_BUS") == []
     finally:
         await nc.close()
+
+
+def wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Wait (bounded) until a process that got SIGSTOP shows as stopped in /proc."""
+    stat = Path(f"/proc/{pid}/stat")
+    if not stat.exists():
+        pytest.skip("needs /proc to see that the server stopped")
+    deadline = time.monotonic() + timeout
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"process {pid} did not stop within {timeout}s")
+        time.sleep(0.001)
+
+
+async def test_flush_whose_ping_is_lost_waits_for_the_next_connection(
+    private_nats, unique_topic, kit, buses, api
+):
+    """A flush whose PING dies with its connection completes after the reconnect.
+
+    The server is frozen (SIGSTOP) so the PING gets no PONG, then killed and started again:
+    the flush must do its round trip on the new connection instead of waiting out its timeout.
+    """
+    broker = private_nats()
+    bus = await cascade_bus.connect(broker.url, **kit.FAST_RECONNECT)
+    buses.append(bus)
+    await bus.publish(f"{unique_topic}/x", 1)
+    await bus.flush()
+    pid = broker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    await asyncio.to_thread(wait_stopped, pid)  # a PING sent now cannot be answered
+    flushing = asyncio.create_task(bus.flush(timeout=kit.WAIT))
+    client = kit.nats(bus).client
+    async with asyncio.timeout(kit.WAIT):
+        while True:  # until the PING is out and its PONG outstanding
+            if client._pongs:
+                break
+            await asyncio.sleep(0)
+    os.kill(pid, signal.SIGKILL)
+    await broker.arestart()
+    async with asyncio.timeout(kit.WAIT / 2):
+        await flushing
+    assert bus.stats().reconnects == 1

@@ -109,3 +109,75 @@ async def test_retain_disabled_refuses_retained_publishes(nats_url, unique_topic
     assert not bus.capabilities.retain
     with pytest.raises(cascade_bus.UnsupportedFeature):
         await bus.publish(f"{unique_topic}/x", 1, retain=True)
+
+
+async def test_wildcard_snapshot_lists_few_keys_and_streams_many(
+    nats_url, unique_topic, buses, monkeypatch
+):
+    """Wildcard snapshots: a few keys listed and read one by one, many through a consumer.
+
+    Up to ``_LISTED_MAX`` matching keys are listed by the bucket's leader and read one by one;
+    beyond that a consumer streams them. Both give every value, oldest write first.
+    """
+    from cascade_bus_nats import _transport
+
+    bus = await cascade_bus.connect(nats_url)
+    buses.append(bus)
+    transport = bus.transport
+    streamed: list[str] = []
+    original = transport._snapshot_consumer
+
+    async def spy(filter_subject: str) -> Any:
+        streamed.append(filter_subject)
+        return await original(filter_subject)
+
+    monkeypatch.setattr(transport, "_snapshot_consumer", spy)
+    many = _transport._LISTED_MAX + 20
+    for i in range(many):
+        await bus.publish(f"{unique_topic}/many/{i}", i, retain=True)
+    for i in range(3):
+        await bus.publish(f"{unique_topic}/few/{i}", i, retain=True)
+    few: list[Any] = []
+    await bus.subscribe(f"{unique_topic}/few/+", lambda env: few.append(env.payload))
+    assert few == [0, 1, 2]
+    assert streamed == []
+    got: list[Any] = []
+    await bus.subscribe(f"{unique_topic}/many/+", lambda env: got.append(env.payload))
+    assert got == list(range(many))
+    assert len(streamed) == 1
+    for i in range(many):
+        await bus.publish(f"{unique_topic}/many/{i}", b"", retain=True)
+    for i in range(3):
+        await bus.publish(f"{unique_topic}/few/{i}", b"", retain=True)
+
+
+async def test_bucket_without_direct_gets_is_read_through_its_leader(
+    private_nats, unique_topic, buses
+):
+    """A bucket without direct gets (made elsewhere, or replicated) is read via its leader.
+
+    Reads use ``STREAM.MSG.GET``, which the stream's leader answers.
+    """
+    import nats
+
+    server = private_nats()
+    nc = await nats.connect(server.url)
+    try:
+        await nc.jetstream().create_key_value(bucket="cascade_retained", history=1, direct=False)
+    finally:
+        await nc.close()
+    bus = await cascade_bus.connect(server.url)
+    buses.append(bus)
+    assert bus.transport._kv_direct is False
+    await bus.publish(f"{unique_topic}/a", {"v": 1}, retain=True, headers={"k": "v"})
+    await bus.publish(f"{unique_topic}/b", "b", retain=True)
+    await bus.publish(f"{unique_topic}/b", b"", retain=True)
+    exact: list[Any] = []
+    await bus.subscribe(f"{unique_topic}/a", lambda env: exact.append((env.payload, env.headers)))
+    assert exact == [({"v": 1}, {"k": "v"})]
+    wild: list[Any] = []
+    await bus.subscribe(f"{unique_topic}/+", lambda env: wild.append(env.payload))
+    assert wild == [{"v": 1}]
+    gone: list[Any] = []
+    await bus.subscribe(f"{unique_topic}/b", lambda env: gone.append(env.payload))
+    assert gone == []

@@ -24,7 +24,7 @@ _KNOWN = frozenset(
         "stream", "qos1_prefix", "stream_max_age", "stream_storage", "retain_bucket",
         "stream_retention", "stream_max_bytes",
         "ack_wait", "max_ack_pending", "consumer_inactive", "ack_timeout", "qos1_timeout",
-        "drain_timeout", "randomize", "client_id",
+        "drain_timeout", "randomize", "client_id", "replicas",
     }
 )  # fmt: skip
 _WILL = ("will_topic", "will_payload", "will_qos", "will_retain", "presence_topic")
@@ -64,6 +64,8 @@ class NatsOptions:
     drain_timeout: float
     randomize: bool
     client_id: str | None
+    replicas: int
+    """Replicas of the stream and the bucket when the adapter creates them; 0 = auto."""
 
     def __repr__(self) -> str:
         return (
@@ -134,6 +136,7 @@ class NatsOptions:
         max_ack_pending = parse_int("max_ack_pending", opts.get("max_ack_pending", 1000))
         if max_ack_pending < 1:
             raise InvalidURL("option max_ack_pending must be at least 1")
+        replicas = _replicas(opts.get("replicas", "auto"))
         return cls(
             servers=servers,
             user=None if user is None else str(user),
@@ -173,7 +176,18 @@ class NatsOptions:
             drain_timeout=parse_float("drain_timeout", opts.get("drain_timeout", 5.0)),
             randomize=parse_bool("randomize", opts.get("randomize", False)),
             client_id=client_id,
+            replicas=replicas,
         )
+
+
+def _replicas(value: Any) -> int:
+    """``auto`` (0) or a replica count JetStream accepts (1 to 5)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    count = parse_int("replicas", value)
+    if not 1 <= count <= 5:
+        raise InvalidURL(f"option replicas={value!r}: use auto or 1 to 5")
+    return count
 
 
 def _host(host: str) -> str:

@@ -24,9 +24,10 @@ marker), gets the entry's revision from JetStream's acknowledgement, and only th
 the live message with the header ``Cascade-Bus-Rev: <revision>``. A new subscription:
 
 1. starts its live subscriptions first (core SUBs, QoS-1 consumers) and *buffers* what arrives;
-2. reads the snapshot: the last KV entry of every matching key with its revision (a direct get
-   for an exact subject, an ephemeral ``last_per_subject`` consumer for a wildcard), sent after
-   the SUBs on the same connection, so the server registered them first;
+2. reads the snapshot: the last KV entry of every matching key with its revision (a get for an
+   exact subject; for a wildcard, the keys listed by the bucket's leader and a get each, or an
+   ephemeral ``last_per_subject`` consumer beyond `_LISTED_MAX` keys), sent after the SUBs on
+   the same connection, so the server registered them first;
 3. hands every live value of the snapshot to the sink (``retained=True``), oldest revision first;
 4. replays the buffer, dropping a live message whose revision is at most the snapshot's revision
    for its topic (the snapshot already delivered it or a newer value), then goes live; the check
@@ -37,6 +38,14 @@ its KV write (done before the live copy was sent) precedes the snapshot read. It
 most once: the revision identifies the live copy of a value the snapshot delivered. Nothing
 else is dropped, and each topic keeps its order. Queue subscriptions get no replay.
 
+Request/reply. A request the bus publishes (its body or, with ``format=raw``, its
+``ce-replyto`` header names a ``reply_to``) goes out with that inbox as its NATS reply subject;
+any other publish has none. When nothing is subscribed to the request's subject, the server
+answers on the reply subject with a 503 status and no body (nats-py announces ``headers`` and
+``no_responders`` in CONNECT); the subscription that receives it calls ``on_no_responders``
+instead of delivering it, and `Bus.request` raises `NoResponders` at once. Plain NATS clients
+can answer a request with ``msg.respond()``.
+
 Per message, the transport skips most of nats-py's machinery (see `_fastpath`): received frames
 go from its read buffer straight to the subscriptions' sinks, publishes straight to its write
 buffer. A sink at its high-water mark makes later messages wait in order in a per-subscription
@@ -46,19 +55,26 @@ Reconnect. nats-py reconnects and replays core SUBs; this transport counts it, s
 buffer again (messages published while disconnected, QoS-1 messages never acknowledged), and
 checks the stream, the bucket and every QoS-1 consumer, re-creating what the server lost (a
 missing consumer restarts from the oldest message it had not acknowledged).
+
+Cluster. The stream and the bucket are created with ``replicas`` copies (``auto``: 3 when the
+server is part of a cluster, 1 if JetStream cannot place them or on a single server), so they
+and the consumers survive the loss of a node. While leaders are re-elected after a node died,
+JetStream calls time out or answer 503: publishes are resent (until ``qos1_timeout``) and the
+JetStream calls of ``subscribe`` are retried (`_js_retry`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
 import os
 from collections import deque
-from collections.abc import Awaitable, Mapping
-from typing import Any, ClassVar, cast
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ClassVar, TypeVar, cast
 
 import msgspec
 import nats.errors as nats_errors
@@ -77,6 +93,7 @@ from cascade_bus import (
     PayloadTooLarge,
     PublishError,
     SubscribeError,
+    validate_topic,
 )
 from cascade_bus.spi import (
     BusURL,
@@ -137,6 +154,7 @@ _CAPS = Capabilities(
     headers=True,
     queue_groups=True,
     request_reply=True,
+    no_responders=True,
     will=False,
     persistence=True,
     ordering=True,
@@ -158,6 +176,19 @@ _GONE = (
 )
 
 
+def _transient(exc: Exception) -> bool:
+    """Tell whether a JetStream call failed for a moment (no leader yet, a reconnect)."""
+    if isinstance(exc, js_errors.APIError):
+        return exc.code == 503
+    return isinstance(
+        exc,
+        TimeoutError
+        | nats_errors.NoRespondersError
+        | nats_errors.ConnectionReconnectingError
+        | nats_errors.StaleConnectionError,
+    )
+
+
 class _ApiError(msgspec.Struct):
     code: int = 0
     err_code: int = 0
@@ -172,6 +203,92 @@ class _PubAck(msgspec.Struct):
 
 
 _pub_ack = msgspec.json.Decoder(_PubAck)
+
+
+class _SubjectsState(msgspec.Struct):
+    subjects: dict[str, int] | None = None
+
+
+class _SubjectsInfo(msgspec.Struct):
+    """The part of a ``STREAM.INFO`` answer (with ``subjects_filter``) the snapshot reads."""
+
+    state: _SubjectsState = msgspec.field(default_factory=_SubjectsState)
+    error: _ApiError | None = None
+    limit: int = 0  # set when the server paged the subjects
+
+
+_subjects_info = msgspec.json.Decoder(_SubjectsInfo)
+#: Up to this many keys matching a wildcard are read one by one, more through a consumer.
+_LISTED_MAX = 256
+#: One retained value read back: (topic, KV revision, body, headers, deleted).
+_Stored = tuple[str, int, bytes, "dict[str, str] | None", bool]
+_T = TypeVar("_T")
+# JetStream's errors for replicas it cannot place: no suitable peers, insufficient resources,
+# replicas > 1 on a server that is not clustered.
+_PLACEMENT_ERRORS = frozenset({10005, 10023, 10074})
+
+
+class _RequestMeta(msgspec.Struct):
+    replyto: str | None = None
+
+
+_request_json = msgspec.json.Decoder(_RequestMeta)
+_request_msgpack = msgspec.msgpack.Decoder(_RequestMeta)
+# ``replyto`` is the envelope's last field, so it sits in the body's tail; a reply subject is
+# at most _MAX_SUBJECT_BYTES long.
+_REPLY_TAIL = 4_096
+
+
+def _may_be_request(data: bytes) -> bool:
+    """A cheap first test of a body without headers: can it be a request's envelope?
+
+    ``replyto`` is the envelope's last field and a string: a JSON envelope holding it ends
+    with ``"}`` (most bodies do not: their payload or headers come last); for MessagePack (or
+    a foreign body) the key is looked for in the tail.
+    """
+    return data[-2:] == b'"}' or (data[:1] != b"{" and data.find(b"replyto", -_REPLY_TAIL) >= 0)
+
+
+def _reply_to(data: bytes, headers: Mapping[str, str] | None) -> str:
+    """The portable ``reply_to`` of a request the bus publishes, or "" for any other message.
+
+    The bus hands the transport a body and headers, not the envelope: with ``format=raw`` the
+    reply topic travels in the ``ce-replyto`` header; otherwise it is the envelope body's last
+    field (``"replyto"``), so only a body that may hold it is decoded (a false hit costs one
+    decode and yields nothing).
+    """
+    if headers:
+        return headers.get("ce-replyto") or ""
+    if not _may_be_request(data) or data.find(b"replyto", -_REPLY_TAIL) < 0:
+        return ""
+    try:
+        decoder = _request_json if data[:1] == b"{" else _request_msgpack
+        meta = decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ""
+    return meta.replyto or ""
+
+
+def _reply_subject(data: bytes, headers: Mapping[str, str] | None) -> str:
+    """The NATS reply subject of a request (its ``reply_to``), or "" for a plain message.
+
+    Sent as the NATS reply subject, it lets the server answer "no responders" (a 503 status
+    on that subject) when nothing is subscribed to the request's subject.
+    """
+    reply_to = _reply_to(data, headers)
+    if not reply_to:
+        return ""
+    try:
+        validate_topic(reply_to)
+    except InvalidTopic:
+        return ""
+    subject = subject_from_topic(reply_to)
+    return subject if len(subject.encode()) <= _MAX_SUBJECT_BYTES else ""
+
+
+def _is_no_responders(data: bytes, headers: dict[str, str]) -> bool:
+    """Tell whether a received message is the server's "no responders" status (503, no body)."""
+    return not data and headers.get(_STATUS) == "503"
 
 
 def _split_headers(
@@ -215,8 +332,8 @@ class _Out:
     """
 
     __slots__ = (
-        "attempts", "data", "deadline", "future", "headers", "sent_at", "settled", "subject",
-        "token",
+        "attempts", "data", "deadline", "future", "headers", "reply", "sent_at", "settled",
+        "subject", "token",
     )  # fmt: skip
 
     def __init__(
@@ -225,11 +342,13 @@ class _Out:
         data: bytes,
         headers: dict[str, str] | None,
         future: asyncio.Future[int] | None,
+        reply: str = "",
     ) -> None:
         self.subject = subject
         self.data = data
         self.headers = headers
         self.future = future
+        self.reply = reply  # a held request's NATS reply subject (QoS 0 only)
         self.token = ""
         self.attempts = 0
         self.sent_at = 0.0
@@ -362,6 +481,11 @@ class _Entry(TransportSubscription):
         self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None
     ) -> None:
         """A core message on the plain subject (published at QoS 0)."""
+        if headers and _is_no_responders(data, headers):
+            # The server's answer to one of our requests (on its reply subject, delivered to
+            # the first of our plain subscriptions that matches it): nobody listens.
+            self.transport._no_responders(subject)
+            return
         if self.wild and (subject[0] == "$" or subject.startswith(_INBOX)):
             return
         rev = None
@@ -460,7 +584,8 @@ class NatsTransport(NetworkTransport):
     the server removes the consumer of a vanished subscriber), ``ack_timeout`` (5 s per attempt
     to get a publish acknowledged), ``qos1_timeout`` (30 s in all, then `PublishError`),
     ``drain_timeout`` (5 s), ``client_id`` (none: QoS-1 consumers end with the bus; set, they
-    are kept on `aclose` and resumed by the next bus with that id).
+    are kept on `aclose` and resumed by the next bus with that id), ``replicas`` (auto: 3 in a
+    cluster of three or more, else 1; or 1 to 5: copies of the stream and the bucket).
     """
 
     capabilities: Capabilities = _CAPS
@@ -497,6 +622,7 @@ class NatsTransport(NetworkTransport):
         self._kv_prefix = f"$KV.{opts.retain_bucket}."
         self._kv_stream = f"KV_{opts.retain_bucket}"
         self._kv_direct = False
+        self._warned_replicas: set[str] = set()
         self._q1_prefix = opts.qos1_prefix + "."
         self._recovery: asyncio.Future[Any] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -668,34 +794,107 @@ class NatsTransport(NetworkTransport):
             raise ConnectError(f"JetStream on {self.url.endpoint()} refused: {exc}") from exc
         return bool(results[0])
 
+    def _replicas(self) -> int:
+        """The replicas to create the stream and the bucket with (see ``replicas``).
+
+        ``auto``: 3 on a server that is part of a cluster of at least three (its INFO names a
+        cluster; ``connect_urls``, when advertised, lists its members), else 1.
+        """
+        wanted = self._opts.replicas
+        if wanted:
+            return wanted
+        nc = self._nc
+        info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
+        if not info.get("cluster"):
+            return 1
+        members = info.get("connect_urls")
+        return 1 if isinstance(members, list) and 0 < len(members) < 3 else 3
+
+    async def _create_replicated(
+        self, what: str, create: Callable[[int], Awaitable[_T]]
+    ) -> tuple[_T, int]:
+        """Create a stream with `_replicas` replicas; ``auto`` falls back to 1 if refused.
+
+        Returns what ``create`` returned and the replicas it was given.
+
+        Raises:
+            ConnectError: JetStream cannot place an explicit ``replicas`` count.
+        """
+        replicas = self._replicas()
+        try:
+            return await create(replicas), replicas
+        except js_errors.APIError as exc:
+            if replicas == 1 or exc.err_code not in _PLACEMENT_ERRORS:
+                raise
+            if self._opts.replicas:
+                raise ConnectError(
+                    f"JetStream on {self.url.endpoint()} cannot create {what} with "
+                    f"replicas={replicas}: {exc.description}"
+                ) from exc
+            log.warning(
+                "JetStream on %s cannot place %d replicas of %s (%s); created with 1: it "
+                "is lost with the server holding it",
+                self.url.endpoint(),
+                replicas,
+                what,
+                exc.description,
+            )
+        return await create(1), 1
+
+    def _check_replicas(self, what: str, have: int | None) -> int:
+        """Warn (once) when an existing stream has fewer replicas than wanted; return its count."""
+        have = have or 1
+        wanted = self._replicas()
+        if have < wanted and what not in self._warned_replicas:
+            self._warned_replicas.add(what)
+            log.warning(
+                "%s on %s has %d replica(s), fewer than the %d wanted (replicas=%s); it is "
+                "used as it is (raise it with `nats stream edit --replicas`)",
+                what,
+                self.url.endpoint(),
+                have,
+                wanted,
+                self._opts.replicas or "auto",
+            )
+        return have
+
     async def _ensure_stream(self, jsm: JetStreamManager | None = None) -> bool:
         jsm = jsm or self._jsm
         assert jsm is not None
         opts = self._opts
         wanted = self._q1_prefix + ">"
+        what = f"the stream {opts.stream!r}"
         try:
             info = await jsm.stream_info(opts.stream)
         except js_errors.NotFoundError:
-            config = js_api.StreamConfig(
-                name=opts.stream,
-                description="cascade-bus QoS 1 messages",
-                subjects=[wanted],
-                retention=js_api.RetentionPolicy.INTEREST
-                if opts.stream_retention == "interest"
-                else js_api.RetentionPolicy.LIMITS,
-                max_bytes=opts.stream_max_bytes or None,
-                discard=js_api.DiscardPolicy.OLD,
-                storage=js_api.StorageType.FILE
-                if opts.stream_storage == "file"
-                else js_api.StorageType.MEMORY,
-                max_age=opts.stream_max_age or None,
-                duplicate_window=120.0,
-            )
+
+            def config(replicas: int) -> js_api.StreamConfig:
+                return js_api.StreamConfig(
+                    name=opts.stream,
+                    description="cascade-bus QoS 1 messages",
+                    subjects=[wanted],
+                    retention=js_api.RetentionPolicy.INTEREST
+                    if opts.stream_retention == "interest"
+                    else js_api.RetentionPolicy.LIMITS,
+                    max_bytes=opts.stream_max_bytes or None,
+                    discard=js_api.DiscardPolicy.OLD,
+                    storage=js_api.StorageType.FILE
+                    if opts.stream_storage == "file"
+                    else js_api.StorageType.MEMORY,
+                    max_age=opts.stream_max_age or None,
+                    duplicate_window=120.0,
+                    num_replicas=replicas,
+                )
+
             try:
-                await jsm.add_stream(config)
+                await self._create_replicated(
+                    what, lambda replicas: jsm.add_stream(config(replicas))
+                )
                 return True
             except js_errors.BadRequestError:  # created concurrently by another client
                 info = await jsm.stream_info(opts.stream)
+        else:
+            self._check_replicas(what, info.config.num_replicas)
         if wanted not in (info.config.subjects or []):
             raise ConnectError(
                 f"stream {opts.stream!r} on {self.url.endpoint()} does not capture {wanted!r} "
@@ -706,23 +905,39 @@ class NatsTransport(NetworkTransport):
     async def _ensure_bucket(self, jsm: JetStreamManager | None = None) -> bool:
         jsm = jsm or self._jsm
         assert jsm is not None
+        what = f"the bucket {self._opts.retain_bucket!r}"
         try:
             info = await jsm.stream_info(self._kv_stream)
         except js_errors.NotFoundError:
             js = cast(Any, self._nc).jetstream(timeout=self._opts.ack_timeout)
             try:
-                kv = await js.create_key_value(
-                    bucket=self._opts.retain_bucket,
-                    history=1,
-                    direct=True,
-                    description="cascade-bus retained messages",
+                kv, replicas = await self._create_replicated(
+                    what,
+                    lambda replicas: js.create_key_value(
+                        bucket=self._opts.retain_bucket,
+                        history=1,
+                        direct=True,
+                        description="cascade-bus retained messages",
+                        replicas=replicas,
+                    ),
                 )
-                self._kv_direct = bool(kv._direct)
+                self._set_kv_reads(bool(kv._direct), replicas)
                 return True
             except js_errors.BadRequestError:
                 info = await jsm.stream_info(self._kv_stream)
-        self._kv_direct = bool(info.config.allow_direct)
+        else:
+            self._check_replicas(what, info.config.num_replicas)
+        self._set_kv_reads(bool(info.config.allow_direct), info.config.num_replicas or 1)
         return False
+
+    def _set_kv_reads(self, direct: bool, replicas: int) -> None:
+        """Read retained values with direct gets only from an unreplicated bucket.
+
+        Every replica answers a direct get, and a follower may not have applied the newest
+        write yet; a replicated bucket is read through its leader (``STREAM.MSG.GET``), which
+        has every acknowledged write.
+        """
+        self._kv_direct = direct and replicas == 1
 
     # -- nats-py callbacks ---------------------------------------------------------------------
 
@@ -918,7 +1133,12 @@ class NatsTransport(NetworkTransport):
             if headers:
                 self._check_size(topic, data, headers)
             try:
-                await nc.publish(subject, data, headers=cast(dict[str, str] | None, headers))
+                await nc.publish(
+                    subject,
+                    data,
+                    reply=_reply_subject(data, headers),
+                    headers=cast(dict[str, str] | None, headers),
+                )
                 return
             except nats_errors.MaxPayloadError:
                 raise PayloadTooLarge(
@@ -959,15 +1179,23 @@ class NatsTransport(NetworkTransport):
             raise self._too_large(topic, len(data))
         writer = self._writer
         assert isinstance(writer, Writer)
+        reply = ""
         if not headers:
-            prefix = self._pub_prefixes.get(topic)
-            if prefix is None:
-                prefix = self._pub_prefix(topic)
-            pending = writer.publish_plain(prefix, data)
-            return None if pending is None else self._room(pending)
+            # A request's body names its reply topic at its end (see `_may_be_request`).
+            if not (
+                data[-2:] == b'"}'
+                or (data[:1] != b"{" and data.find(b"replyto", -_REPLY_TAIL) >= 0)
+            ) or not (reply := _reply_subject(data, None)):
+                prefix = self._pub_prefixes.get(topic)
+                if prefix is None:
+                    prefix = self._pub_prefix(topic)
+                pending = writer.publish_plain(prefix, data)
+                return None if pending is None else self._room(pending)
+        elif "ce-replyto" in headers:
+            reply = _reply_subject(data, headers)
         subject = self._subject(topic)
         try:
-            pending = writer.publish(subject, data, headers)
+            pending = writer.publish(subject, data, headers, reply)
         except TooLarge as exc:
             raise self._too_large(topic, exc.size) from None
         except ValueError as exc:
@@ -1012,10 +1240,11 @@ class NatsTransport(NetworkTransport):
         self, subject: str, data: bytes, headers: dict[str, str] | None
     ) -> None:
         nc = self._nc
+        reply = _reply_subject(data, headers)
         if self._connected and nc is not None:
             topic = topic_from_subject(subject)
             try:
-                pending = self._writer.publish(subject, data, headers)
+                pending = self._writer.publish(subject, data, headers, reply)
                 if pending is not None:
                     await pending
                 return
@@ -1025,7 +1254,7 @@ class NatsTransport(NetworkTransport):
                 raise self._too_large(topic, len(data)) from None
             except (ValueError, nats_errors.Error) as exc:
                 raise PublishError(f"publish to {topic!r} failed: {exc}", topic=topic) from None
-        self._hold(_Out(subject, data, headers, None))
+        self._hold(_Out(subject, data, headers, None, reply))
 
     def _hold(self, out: _Out) -> None:
         """Keep a message until the connection is back (bounded by ``offline_buffer``)."""
@@ -1243,7 +1472,7 @@ class NatsTransport(NetworkTransport):
                         await pending
                 continue
             try:
-                pending = self._writer.publish(out.subject, out.data, out.headers)
+                pending = self._writer.publish(out.subject, out.data, out.headers, out.reply)
                 if pending is not None:
                     await pending
             except _GONE:
@@ -1268,16 +1497,49 @@ class NatsTransport(NetworkTransport):
     async def flush(self, timeout: float) -> None:
         """Wait until every QoS-1 message is acknowledged and the server has everything else.
 
+        While nats-py reconnects, what was written waits in its buffer for the next server:
+        wait for the reconnect, then for a round trip on the new connection (a PING sent on a
+        connection that breaks gets no PONG).
+
         Raises:
             TimeoutError: not done within ``timeout`` seconds.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         async with asyncio.timeout(timeout):
-            await self._idle.wait()
-            nc = self._nc
-            if nc is not None and nc.is_connected:
-                await self._round_trip(nc, max(deadline - loop.time(), 0.001))
+            while True:
+                await self._idle.wait()
+                nc = self._nc
+                if nc is None:
+                    return
+                changed = self._state_changed
+                if not (nc.is_connected and self._connected):
+                    if self._closed or self._dead or not self._opts.reconnect:
+                        return  # nothing more will reach a server
+                    await changed.wait()  # the reconnect callbacks change the state
+                    continue
+                trip = asyncio.ensure_future(
+                    self._round_trip(nc, max(deadline - loop.time(), 0.001))
+                )
+                # Read below, or by nobody when this flush times out first.
+                trip.add_done_callback(_retrieve)
+                while not trip.done() and self._connected:
+                    lost = asyncio.ensure_future(self._state_changed.wait())
+                    try:
+                        await asyncio.wait((trip, lost), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        lost.cancel()
+                if not trip.done():
+                    # The connection went: its PING gets no PONG. Cancelling is safe only
+                    # now (the old connection's reader is gone): a cancelled PONG future
+                    # still queued in nats-py would break its next PONG.
+                    trip.cancel()
+                    continue
+                try:
+                    trip.result()
+                    return
+                except _GONE:
+                    pass  # the connection went meanwhile: again once it is back
 
     async def _round_trip(self, nc: NatsClient, timeout: float) -> None:
         """Return once the server has processed everything this connection sent so far.
@@ -1383,6 +1645,12 @@ class NatsTransport(NetworkTransport):
         if router is not None:
             router.routes.pop(sub._id, None)
 
+    def _no_responders(self, subject: str) -> None:
+        """The server says our request on ``subject``'s inbox reached nobody: tell the bus."""
+        hook = self.on_no_responders
+        if hook is not None:
+            hook(topic_from_subject(subject))
+
     def _ack_soon(self, ack: _Ack) -> None:
         """Acknowledge a JetStream message the subscription will not see (a stale copy)."""
         try:
@@ -1418,7 +1686,29 @@ class NatsTransport(NetworkTransport):
         nqueue = subject_from_topic(queue) if queue else ""
         # Interest first, then the consumer: nothing it pushes can miss us.
         entry.nsubs.append(await self._nsub(deliver, nqueue, consumer.route))
-        await self._create_consumer(consumer, None, everything=False, queue=queue)
+        await self._js_retry(
+            lambda: self._create_consumer(consumer, None, everything=False, queue=queue)
+        )
+
+    async def _js_retry(self, call: Callable[[], Awaitable[_T]]) -> _T:
+        """Run a JetStream call, again while JetStream cannot answer for a moment.
+
+        In a cluster, a node that just died takes leaders with it (the meta group's, a
+        stream's); until their elections end, API calls time out or answer 503. Retried with
+        backoff until ``qos1_timeout`` (the bus's ``subscribe_timeout`` may end it sooner).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._opts.qos1_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if self._closed or loop.time() + delay >= deadline or not _transient(exc):
+                    raise
+                log.info("JetStream on %s busy (%r); trying again", self.url.endpoint(), exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     async def _create_consumer(
         self,
@@ -1463,7 +1753,9 @@ class NatsTransport(NetworkTransport):
 
     async def _replay(self, entry: _Entry) -> None:
         """Deliver the retained snapshot, then the buffered live messages not already in it."""
-        snapshot = await asyncio.gather(*(self._snapshot(native) for native in entry.natives))
+        snapshot = await asyncio.gather(
+            *(self._js_retry(functools.partial(self._snapshot, native)) for native in entry.natives)
+        )
         seen = entry.seen
         values: list[tuple[int, Message]] = []
         for found in snapshot:
@@ -1491,45 +1783,87 @@ class NatsTransport(NetworkTransport):
                     continue
                 sink.deliver(message)
 
-    async def _snapshot(
-        self, native: str
-    ) -> list[tuple[str, int, bytes, dict[str, str] | None, bool]]:
+    async def _snapshot(self, native: str) -> list[_Stored]:
         """The last KV entry of every key matching ``native``: (topic, revision, data, ...)."""
-        nc = self._nc
-        assert nc is not None
         key = self._kv_prefix + native
-        wildcard = any(token in ("*", ">") for token in native.split("."))
-        if not wildcard and self._kv_direct:
-            reply = await nc.request(
-                f"$JS.API.DIRECT.GET.{self._kv_stream}.{key}",
-                b"",
-                timeout=self._opts.ack_timeout,
-            )
-            headers = reply.headers or {}
-            if headers.get(_STATUS):
-                if headers[_STATUS] == "404":
-                    return []
-                raise SubscribeError(
-                    f"reading the retained message of {native!r} failed: "
-                    f"{headers.get('Description', headers[_STATUS])}",
-                    pattern=native,
-                )
-            rev = int(headers.get("Nats-Sequence", "0"))
-            deleted = headers.get(_KV_OP) in ("DEL", "PURGE")
-            return [
-                (topic_from_subject(native), rev, reply.data, _stored_headers(headers), deleted)
-            ]
+        if not any(token in ("*", ">") for token in native.split(".")):
+            return await self._read_key(key)
+        listed = await self._snapshot_listed(key)
+        if listed is not None:
+            return listed
         return await self._snapshot_consumer(key)
 
-    async def _snapshot_consumer(
-        self, filter_subject: str
-    ) -> list[tuple[str, int, bytes, dict[str, str] | None, bool]]:
+    async def _snapshot_listed(self, key_filter: str) -> list[_Stored] | None:
+        """The keys matching a wildcard, listed by the bucket's leader, then read one by one.
+
+        Cheaper than a consumer for a few keys, and it needs no consumer created (in a cluster
+        that is a proposal to the meta group, whose leader may be re-elected after a node
+        failure). None when more than `_LISTED_MAX` keys match: a consumer streams them.
+        """
+        nc = self._nc
+        assert nc is not None
+        reply = await nc.request(
+            f"$JS.API.STREAM.INFO.{self._kv_stream}",
+            msgspec.json.encode({"subjects_filter": key_filter}),
+            timeout=self._opts.ack_timeout,
+        )
+        info = _subjects_info.decode(reply.data)
+        error = info.error
+        if error is not None:
+            raise js_errors.APIError(
+                code=error.code, description=error.description, err_code=error.err_code
+            )
+        subjects = info.state.subjects or {}
+        if len(subjects) > _LISTED_MAX or (info.limit and len(subjects) >= info.limit):
+            return None
+        found = await asyncio.gather(*(self._read_key(subject) for subject in subjects))
+        return [entry for entries in found for entry in entries]
+
+    async def _read_key(self, key: str) -> list[_Stored]:
+        """The last KV entry of one key (none if it has none).
+
+        A direct get when the bucket is not replicated, else a get through its leader
+        (``STREAM.MSG.GET``), which has every acknowledged write (see `_set_kv_reads`).
+        """
+        topic = topic_from_subject(key[len(self._kv_prefix) :])
+        if not self._kv_direct:
+            jsm = self._jsm
+            assert jsm is not None
+            try:
+                stored = await jsm.get_msg(self._kv_stream, subject=key)
+            except js_errors.NotFoundError:
+                return []
+            headers = stored.headers or {}
+            deleted = headers.get(_KV_OP) in ("DEL", "PURGE")
+            data = stored.data or b""
+            return [(topic, stored.seq or 0, data, _stored_headers(headers), deleted)]
+        nc = self._nc
+        assert nc is not None
+        reply = await nc.request(
+            f"$JS.API.DIRECT.GET.{self._kv_stream}.{key}",
+            b"",
+            timeout=self._opts.ack_timeout,
+        )
+        headers = reply.headers or {}
+        if headers.get(_STATUS):
+            if headers[_STATUS] == "404":
+                return []
+            raise SubscribeError(
+                f"reading the retained message of {topic!r} failed: "
+                f"{headers.get('Description', headers[_STATUS])}",
+                pattern=topic,
+            )
+        rev = int(headers.get("Nats-Sequence", "0"))
+        deleted = headers.get(_KV_OP) in ("DEL", "PURGE")
+        return [(topic, rev, reply.data, _stored_headers(headers), deleted)]
+
+    async def _snapshot_consumer(self, filter_subject: str) -> list[_Stored]:
         nc = self._nc
         jsm = self._jsm
         assert nc is not None
         assert jsm is not None
         cut = len(self._kv_prefix)
-        found: list[tuple[str, int, bytes, dict[str, str] | None, bool]] = []
+        found: list[_Stored] = []
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         expected: list[int] = []
 
@@ -1652,3 +1986,9 @@ class NatsTransport(NetworkTransport):
 
 async def _false() -> bool:
     return False
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Done callback: fetch a task's exception so that nobody reading it is no warning."""
+    if not task.cancelled():
+        task.exception()
