@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from functools import partial
 from types import MappingProxyType, TracebackType
 from typing import Any, Self, TypeVar, overload
 
@@ -194,6 +195,10 @@ class Bus:
         )
         # An in-process transport's limit is fixed when it is built: no property call per message.
         self._local_limit = transport.max_payload if self._publish_local is not None else None
+        # Optional: requests handed over with their reply topic (NATS reply subjects).
+        self._publish_request: Callable[..., Awaitable[None] | None] | None = getattr(
+            transport, "publish_request", None
+        )
         # Optional transport fast path: deliver synchronously, return an awaitable only to wait.
         self._publish_nowait: Callable[..., Awaitable[None] | None] | None = getattr(
             transport, "publish_nowait", None
@@ -413,7 +418,7 @@ class Bus:
                     final.topic, final.payload, final.headers, custom_type,
                     final.correlation_id, final.reply_to, final,
                 )  # fmt: skip
-                pending = self._send(final.topic, data, native, qos, retain)
+                pending = self._send(final.topic, data, native, qos, retain, final.reply_to)
                 if pending is not None:
                     await pending
 
@@ -446,7 +451,7 @@ class Bus:
                 data, native = self._encode(topic, payload, None, None, None, None)
         else:
             data, native = self._encode(topic, payload, headers, type, correlation_id, reply_to)
-        pending = self._send(topic, data, native, qos, retain)
+        pending = self._send(topic, data, native, qos, retain, reply_to)
         if pending is not None:
             await pending
 
@@ -457,6 +462,7 @@ class Bus:
         native: Mapping[str, str] | None,
         qos: int,
         retain: bool,
+        reply_to: str | None = None,
     ) -> Awaitable[None] | None:
         """Hand one body to the transport; returns what is left to await, if anything."""
         limit = self.transport.max_payload
@@ -469,6 +475,8 @@ class Bus:
                 limit=limit,
             )
         nowait = self._publish_nowait
+        if reply_to is not None and self._publish_request is not None and not retain:
+            nowait = partial(self._publish_request, reply_to=reply_to)
         pending: Awaitable[None] | None
         if nowait is None:
             pending = self.transport.publish(topic, data, qos=qos, retain=retain, headers=native)

@@ -113,6 +113,15 @@ class Transport(abc.ABC):
     on_no_responders: Callable[[str], None] | None = None
     """Set by the bus: call it with a request's ``reply_to`` topic when the broker reports that
     the request reached no subscriber (declare ``Capabilities.no_responders``)."""
+    publish_request: Any = None
+    """Optional: ``publish_request(topic, data, qos, retain, headers, *, reply_to)``.
+
+    Called instead of `publish` / ``publish_nowait`` for a message that expects a reply on the
+    portable topic ``reply_to`` (`Bus.request`, or ``publish(reply_to=...)``), never for a
+    retained one. A transport with native request/reply (NATS reply subjects) carries
+    ``reply_to`` natively, so its broker can report no responders (see `on_no_responders`).
+    Returns like ``publish_nowait``: None once handed over, or an awaitable to wait on.
+    """
     filters_exactly: ClassVar[bool] = True
     """False when the transport may deliver messages a pattern does not match exactly (e.g. a
     broader native glob); the bus then filters every message with `topic_matches`."""

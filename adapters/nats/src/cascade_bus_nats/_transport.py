@@ -228,56 +228,12 @@ _T = TypeVar("_T")
 _PLACEMENT_ERRORS = frozenset({10005, 10023, 10074})
 
 
-class _RequestMeta(msgspec.Struct):
-    replyto: str | None = None
-
-
-_request_json = msgspec.json.Decoder(_RequestMeta)
-_request_msgpack = msgspec.msgpack.Decoder(_RequestMeta)
-# ``replyto`` is the envelope's last field, so it sits in the body's tail; a reply subject is
-# at most _MAX_SUBJECT_BYTES long.
-_REPLY_TAIL = 4_096
-
-
-def _may_be_request(data: bytes) -> bool:
-    """A cheap first test of a body without headers: can it be a request's envelope?
-
-    ``replyto`` is the envelope's last field and a string: a JSON envelope holding it ends
-    with ``"}`` (most bodies do not: their payload or headers come last); for MessagePack (or
-    a foreign body) the key is looked for in the tail.
-    """
-    return data[-2:] == b'"}' or (data[:1] != b"{" and data.find(b"replyto", -_REPLY_TAIL) >= 0)
-
-
-def _reply_to(data: bytes, headers: Mapping[str, str] | None) -> str:
-    """The portable ``reply_to`` of a request the bus publishes, or "" for any other message.
-
-    The bus hands the transport a body and headers, not the envelope: with ``format=raw`` the
-    reply topic travels in the ``ce-replyto`` header; otherwise it is the envelope body's last
-    field (``"replyto"``), so only a body that may hold it is decoded (a false hit costs one
-    decode and yields nothing).
-    """
-    if headers:
-        return headers.get("ce-replyto") or ""
-    if not _may_be_request(data) or data.find(b"replyto", -_REPLY_TAIL) < 0:
-        return ""
-    try:
-        decoder = _request_json if data[:1] == b"{" else _request_msgpack
-        meta = decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return ""
-    return meta.replyto or ""
-
-
-def _reply_subject(data: bytes, headers: Mapping[str, str] | None) -> str:
-    """The NATS reply subject of a request (its ``reply_to``), or "" for a plain message.
+def _reply_subject(reply_to: str) -> str:
+    """The NATS reply subject for a request's portable ``reply_to``, or "" if it cannot be one.
 
     Sent as the NATS reply subject, it lets the server answer "no responders" (a 503 status
     on that subject) when nothing is subscribed to the request's subject.
     """
-    reply_to = _reply_to(data, headers)
-    if not reply_to:
-        return ""
     try:
         validate_topic(reply_to)
     except InvalidTopic:
@@ -1112,8 +1068,11 @@ class NatsTransport(NetworkTransport):
         qos: int = 0,
         retain: bool = False,
         headers: Mapping[str, str] | None = None,
+        reply: str = "",
     ) -> None:
         """Publish; QoS 1 and retained return once JetStream acknowledged the message.
+
+        ``reply`` is a NATS reply subject (requests, see `publish_request`).
 
         Raises:
             PublishError: the server refused it, it was not acknowledged within
@@ -1123,7 +1082,7 @@ class NatsTransport(NetworkTransport):
         """
         if qos == 0 and not retain and self._connected:
             if self._router is not None:
-                pending = self._publish_fast(topic, data, headers)
+                pending = self._publish_fast(topic, data, headers, reply)
                 if pending is not None:
                     await pending
                 return
@@ -1136,7 +1095,7 @@ class NatsTransport(NetworkTransport):
                 await nc.publish(
                     subject,
                     data,
-                    reply=_reply_subject(data, headers),
+                    reply=reply,
                     headers=cast(dict[str, str] | None, headers),
                 )
                 return
@@ -1153,7 +1112,27 @@ class NatsTransport(NetworkTransport):
                 ) from None
             except _GONE:
                 pass  # lost it just now: hold the message like any other while disconnected
-        await self._publish_slow(topic, data, qos, retain, headers)
+        await self._publish_slow(topic, data, qos, retain, headers, reply)
+
+    def publish_request(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+        *,
+        reply_to: str,
+    ) -> Awaitable[None] | None:
+        """`publish_nowait` for a request: its inbox travels as the NATS reply subject.
+
+        The server then answers "no responders" on it when nobody listens (see
+        `on_no_responders`). QoS 1 requests go through JetStream, which has no reply subject.
+        """
+        reply = _reply_subject(reply_to)
+        if qos or retain or not self._connected or self._router is None:
+            return self.publish(topic, data, qos=qos, retain=retain, headers=headers, reply=reply)
+        return self._publish_fast(topic, data, headers, reply)
 
     def publish_nowait(
         self,
@@ -1173,26 +1152,18 @@ class NatsTransport(NetworkTransport):
         return self._publish_fast(topic, data, headers)
 
     def _publish_fast(
-        self, topic: str, data: bytes, headers: Mapping[str, str] | None
+        self, topic: str, data: bytes, headers: Mapping[str, str] | None, reply: str = ""
     ) -> Awaitable[None] | None:
         if len(data) > self._max_payload:
             raise self._too_large(topic, len(data))
         writer = self._writer
         assert isinstance(writer, Writer)
-        reply = ""
-        if not headers:
-            # A request's body names its reply topic at its end (see `_may_be_request`).
-            if not (
-                data[-2:] == b'"}'
-                or (data[:1] != b"{" and data.find(b"replyto", -_REPLY_TAIL) >= 0)
-            ) or not (reply := _reply_subject(data, None)):
-                prefix = self._pub_prefixes.get(topic)
-                if prefix is None:
-                    prefix = self._pub_prefix(topic)
-                pending = writer.publish_plain(prefix, data)
-                return None if pending is None else self._room(pending)
-        elif "ce-replyto" in headers:
-            reply = _reply_subject(data, headers)
+        if not headers and not reply:
+            prefix = self._pub_prefixes.get(topic)
+            if prefix is None:
+                prefix = self._pub_prefix(topic)
+            pending = writer.publish_plain(prefix, data)
+            return None if pending is None else self._room(pending)
         subject = self._subject(topic)
         try:
             pending = writer.publish(subject, data, headers, reply)
@@ -1212,7 +1183,13 @@ class NatsTransport(NetworkTransport):
                         self._opts.ack_timeout)  # fmt: skip
 
     async def _publish_slow(
-        self, topic: str, data: bytes, qos: int, retain: bool, headers: Mapping[str, str] | None
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+        reply: str = "",
     ) -> None:
         if self._closed:
             raise BusClosed("the NATS transport is closed")
@@ -1234,13 +1211,12 @@ class NatsTransport(NetworkTransport):
         if qos:
             await self._js_publish(topic, self._q1_prefix + subject, data, extra)
             return
-        await self._core_publish(subject, data, extra or None)
+        await self._core_publish(subject, data, extra or None, reply)
 
     async def _core_publish(
-        self, subject: str, data: bytes, headers: dict[str, str] | None
+        self, subject: str, data: bytes, headers: dict[str, str] | None, reply: str = ""
     ) -> None:
         nc = self._nc
-        reply = _reply_subject(data, headers)
         if self._connected and nc is not None:
             topic = topic_from_subject(subject)
             try:
