@@ -1,4 +1,8 @@
-"""Redis URL options, parsed and checked once: ``redis://user:pass@host:6379/0?prefix=...``."""
+"""Redis URL options, parsed and checked once: ``redis://user:pass@host:6379/0?prefix=...``.
+
+``redis+cluster://host:port,host:port/?shard_levels=1`` (Redis Cluster) takes the same options,
+except ``db`` (a cluster has database 0 only), plus ``shard_levels``.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ KNOWN = frozenset(
         "max_inflight",
     }
 )
+#: Options only ``redis+cluster://`` understands.
+CLUSTER_ONLY = frozenset({"shard_levels"})
 
 #: Default largest body. Redis disconnects a pub/sub client whose output buffer passes 32 MiB
 #: (``client-output-buffer-limit pubsub``), so far smaller messages are the sane ceiling.
@@ -67,6 +73,13 @@ class RedisOptions:
     health_check_interval: float
     max_payload: int
     max_inflight: int
+    hosts: tuple[tuple[str, int], ...] = ()
+    """Every host given (the cluster's seed nodes); standalone: just ``(host, port)``."""
+    cluster: bool = False
+    shard_levels: int = 1
+    """Redis Cluster: how many leading topic levels form the shard key."""
+    tls_files: tuple[str | None, str | None, str | None, bool] = (None, None, None, True)
+    """``(ca_file, certfile, keyfile, tls_verify)`` as given, for clients that take paths."""
 
     def __repr__(self) -> str:
         return (
@@ -76,26 +89,47 @@ class RedisOptions:
         )
 
     @classmethod
-    def parse(cls, url: BusURL, options: Mapping[str, Any]) -> RedisOptions:
+    def parse(
+        cls, url: BusURL, options: Mapping[str, Any], *, cluster: bool = False
+    ) -> RedisOptions:
         """Read the URL and options (keyword options already laid over the query).
+
+        Args:
+            url: The bus URL.
+            options: Its options.
+            cluster: Parse for ``redis+cluster://`` (several seed hosts, ``shard_levels``).
 
         Raises:
             InvalidURL: an unknown option or a bad value, naming the option.
         """
         opts = dict(options)
-        unknown = sorted(set(opts) - KNOWN)
+        known = (KNOWN - {"db"}) | CLUSTER_ONLY if cluster else KNOWN
+        unknown = sorted(set(opts) - known)
         if unknown:
+            hint = ""
+            if not cluster and set(unknown) & CLUSTER_ONLY:
+                hint = " (shard_levels is for redis+cluster:// URLs)"
+            elif cluster and "db" in unknown:
+                hint = " (a Redis Cluster has database 0 only)"
             raise InvalidURL(
-                f"unknown Redis option(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN))}"
+                f"unknown Redis option(s) {', '.join(unknown)}{hint}; "
+                f"known: {', '.join(sorted(known))}"
             )
-        if len(url.hosts) > 1:
+        if len(url.hosts) > 1 and not cluster:
             raise InvalidURL(
-                f"{url.scheme}:// takes one server; Redis Cluster and Sentinel are not supported "
-                f"(got {len(url.hosts)} hosts in {url.redacted()!r})"
+                f"{url.scheme}:// takes one server; for Redis Cluster use "
+                f"{url.scheme}+cluster://host:port,host:port (Sentinel is not supported; "
+                f"got {len(url.hosts)} hosts in {url.redacted()!r})"
             )
-        tls_wanted = url.scheme == "rediss"
+        tls_wanted = url.scheme in ("rediss", "rediss+cluster")
         db_text = url.path.strip("/")
-        if "db" in opts:
+        if cluster:
+            if db_text not in ("", "0"):
+                raise InvalidURL(
+                    f"{url.redacted()!r}: a Redis Cluster has database 0 only (no path needed)"
+                )
+            db = 0
+        elif "db" in opts:
             db = parse_int("db", opts["db"])
         elif db_text:
             if not db_text.isdigit():
@@ -104,10 +138,16 @@ class RedisOptions:
         else:
             db = 0
         prefix = str(opts.get("prefix", "cascade_bus:"))
-        if not prefix or any(c in prefix for c in "*?[]\\ \x00"):
+        # A cluster key's hash tag must be the first pair of braces in it: none in the prefix.
+        forbidden = "*?[]\\ \x00{}" if cluster else "*?[]\\ \x00"
+        if not prefix or any(c in prefix for c in forbidden):
             raise InvalidURL(
                 f"prefix={prefix!r}: use a non-empty key prefix without glob characters or spaces"
+                + (" (nor braces: Redis Cluster hash tags)" if cluster else "")
             )
+        shard_levels = parse_int("shard_levels", opts.get("shard_levels", 1))
+        if shard_levels < 1:
+            raise InvalidURL(f"shard_levels={shard_levels}: use at least 1")
         client_id = opts.get("client_id")
         if client_id is not None and (not str(client_id) or "/" in str(client_id)):
             raise InvalidURL(f"client_id={client_id!r} must be non-empty and contain no '/'")
@@ -118,9 +158,10 @@ class RedisOptions:
         max_inflight = parse_int("max_inflight", opts.get("max_inflight", 1024))
         if read_count < 1 or max_inflight < 2:
             raise InvalidURL("read_count must be >= 1 and max_inflight >= 2")
+        hosts = tuple((h or "127.0.0.1", p or 6379) for h, p in url.hosts) or (("127.0.0.1", 6379),)
         return cls(
-            host=url.host or "127.0.0.1",
-            port=url.port or 6379,
+            host=hosts[0][0],
+            port=hosts[0][1],
             username=opts.get("username", url.username),
             password=opts.get("password", url.password),
             db=db,
@@ -141,6 +182,15 @@ class RedisOptions:
             ),
             max_payload=parse_int("max_payload", opts.get("max_payload", DEFAULT_MAX_PAYLOAD)),
             max_inflight=max_inflight,
+            hosts=hosts,
+            cluster=cluster,
+            shard_levels=shard_levels,
+            tls_files=(
+                opts.get("ca_file"),
+                opts.get("certfile"),
+                opts.get("keyfile"),
+                parse_bool("tls_verify", opts.get("tls_verify", True)),
+            ),
         )
 
 

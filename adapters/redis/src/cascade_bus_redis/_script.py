@@ -1,30 +1,44 @@
-"""The one Lua script behind every publish, stream route and retained read (EVALSHA, 0 keys).
+r"""The one Lua script behind every publish, stream route and retained read (EVALSHA).
 
-Key layout (``P`` is the ``prefix`` option, ``cascade_bus:`` by default):
+Both transports load the same script; every operation takes its *namespace* ``N`` as
+``ARGV[2]`` and builds its key names from it. Standalone (``redis://``): ``N`` is the ``prefix``
+option (``cascade_bus:``) and the script is called with 0 keys. Redis Cluster
+(``redis+cluster://``): ``N`` is ``<prefix>{<shard key>}`` (a hash tag, see ``_topics.hash_tag``),
+so every key below lives in the shard key's slot, and the call declares one of them (two for
+``P``) so that the cluster client routes it to the node owning that slot; the keys the script
+builds itself are in the same slot, which Redis Cluster allows.
 
-- ``P retained`` (hash): topic -> last retained body (plain bytes, readable by any client).
-- ``P retained:seq`` (hash): topic -> the sequence number of that body.
-- ``P seq`` (string): the global retained sequence (INCR on every retained publish or clear).
-- ``P routes`` (hash): stream key -> ``"<lease expiry ms> <portable pattern>"``; every publish
+Key layout (``N`` the namespace):
+
+- ``N retained`` (hash): topic -> last retained body (plain bytes, readable by any client).
+- ``N retained:seq`` (hash): topic -> the sequence number of that body.
+- ``N seq`` (string): the retained sequence (INCR on every retained publish or clear). Numbers
+  are compared per topic only, so one counter per namespace is enough.
+- ``N routes`` (hash): stream key -> ``"<lease expiry ms> <portable pattern>"``; every publish
   appends to the streams whose pattern matches its topic (fan-out on publish).
-- ``P q:<queue>/<pattern>`` (stream, group ``cascade_bus``): one per queue group.
-- ``P s:<client_id>:<n>/<pattern>`` (stream, group ``cascade_bus``): one per QoS 1 subscription.
-- channel ``P ctl``: ``r<seq>`` just before a retained publish's PUBLISH and ``e`` just after it,
-  so a subscriber learns the sequence number of the message in between (the body itself travels
-  unchanged on the topic's channel).
+- ``N q:<queue>/<pattern>`` (stream, group ``cascade_bus``): one per queue group.
+- ``N s:<client_id>:<n>/<pattern>`` (stream, group ``cascade_bus``): one per QoS 1 subscription.
+
+Standalone only: channel ``N ctl`` carries ``r<seq>`` just before a retained publish's PUBLISH
+(on the channel named exactly like the topic) and ``e`` just after it, so a subscriber learns
+the sequence number of the message in between without any change to the body.
+
+Cluster only (op ``P``): the body travels in a *frame* ``<seq>\0<topic>\0<body>`` (``seq``
+empty unless retained) by SPUBLISH on the topic's shard channel ``N t:<topic>`` and on
+``N p:<pattern>`` for every pattern leased in ``N patterns`` (hash: ``"<bus> <pattern>"`` ->
+``"<lease expiry ms> <pattern>"``) that matches, and by classic PUBLISH (which Redis Cluster
+broadcasts to every node) on ``<prefix>p:<pattern>`` for every *broad* pattern (one whose
+wildcards cover the shard-key levels) leased in the slot's ``broad`` hash, passed as ``ARGV[7]``.
 
 Stream entries hold ``t`` (topic), ``d`` (body) and, for retained publishes, ``s`` (sequence);
 barrier entries written by a subscriber to itself hold only ``b`` (a token).
-
-The script touches keys it does not declare, which standalone Redis allows and Redis Cluster does
-not (the transport refuses cluster URLs).
 """
 
 from __future__ import annotations
 
-__all__ = ["SCRIPT"]
+__all__ = ["BROAD_SCRIPT", "SCRIPT"]
 
-SCRIPT = r"""
+_HELPERS = r"""
 local op = ARGV[1]
 local P = ARGV[2]
 
@@ -63,58 +77,109 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-if op == 'p' then
-  local topic, body, retain, maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-  local seq = false
-  if retain == '1' then
-    seq = redis.call('INCR', P .. 'seq')
-    if body == '' then
-      redis.call('HDEL', P .. 'retained', topic)
-      redis.call('HDEL', P .. 'retained:seq', topic)
-    else
-      redis.call('HSET', P .. 'retained', topic, body)
-      redis.call('HSET', P .. 'retained:seq', topic, seq)
-    end
-    redis.call('PUBLISH', P .. 'ctl', 'r' .. seq)
+-- Store (or clear, for an empty body) the retained body of a topic; return its sequence number.
+local function retain_body(topic, body)
+  local seq = redis.call('INCR', P .. 'seq')
+  if body == '' then
+    redis.call('HDEL', P .. 'retained', topic)
+    redis.call('HDEL', P .. 'retained:seq', topic)
+  else
+    redis.call('HSET', P .. 'retained', topic, body)
+    redis.call('HSET', P .. 'retained:seq', topic, seq)
   end
-  local n = redis.call('PUBLISH', topic, body)
-  if seq then redis.call('PUBLISH', P .. 'ctl', 'e') end
-  local routes = redis.call('HGETALL', P .. 'routes')
-  if #routes > 0 then
-    local now = false
-    for i = 1, #routes, 2 do
-      local value = routes[i + 1]
-      local sp = string.find(value, ' ', 1, true)
-      if sp and matches(string.sub(value, sp + 1), topic) then
+  return seq
+end
+
+-- The leases {field, pattern} in hash `key` ("<expiry ms> <pattern>" values) whose pattern
+-- matches the topic (each pattern once if `distinct`); expired ones are deleted on the way.
+local function leased(key, topic, distinct)
+  local out = {}
+  local entries = redis.call('HGETALL', key)
+  if #entries == 0 then return out end
+  local now = false
+  local seen = {}
+  for i = 1, #entries, 2 do
+    local value = entries[i + 1]
+    local sp = string.find(value, ' ', 1, true)
+    if sp then
+      local pattern = string.sub(value, sp + 1)
+      if matches(pattern, topic) then
         if not now then now = now_ms() end
         if tonumber(string.sub(value, 1, sp - 1)) < now then
-          redis.call('HDEL', P .. 'routes', routes[i])
-        elseif seq then
-          redis.call('XADD', routes[i], 'MAXLEN', '~', maxlen, '*', 't', topic, 'd', body, 's', seq)
-          n = n + 1
-        else
-          redis.call('XADD', routes[i], 'MAXLEN', '~', maxlen, '*', 't', topic, 'd', body)
-          n = n + 1
+          redis.call('HDEL', key, entries[i])
+        elseif not (distinct and seen[pattern]) then
+          seen[pattern] = true
+          out[#out + 1] = {entries[i], pattern}
         end
       end
     end
   end
+  return out
+end
+
+-- XADD the message to every stream route whose pattern matches; return how many.
+local function fan_out(topic, body, seq, maxlen)
+  local n = 0
+  for _, route in ipairs(leased(P .. 'routes', topic, false)) do
+    if seq then
+      redis.call('XADD', route[1], 'MAXLEN', '~', maxlen, '*', 't', topic, 'd', body, 's', seq)
+    else
+      redis.call('XADD', route[1], 'MAXLEN', '~', maxlen, '*', 't', topic, 'd', body)
+    end
+    n = n + 1
+  end
   return n
+end
+
+-- Write a lease "<now + ttl> <pattern>" and drop the expired ones; the key outlives the lease.
+local function lease(key, field, pattern, ttl)
+  local now = now_ms()
+  redis.call('HSET', key, field, (now + ttl) .. ' ' .. pattern)
+  local entries = redis.call('HGETALL', key)
+  for i = 1, #entries, 2 do
+    local value = entries[i + 1]
+    local sp = string.find(value, ' ', 1, true)
+    if (not sp) or tonumber(string.sub(value, 1, sp - 1)) < now then
+      redis.call('HDEL', key, entries[i])
+    end
+  end
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+"""
+
+_OPS = r"""
+if op == 'p' then
+  -- standalone publish: topic, body, retain, maxlen
+  local topic, body, retain, maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+  local seq = false
+  if retain == '1' then
+    seq = retain_body(topic, body)
+    redis.call('PUBLISH', P .. 'ctl', 'r' .. seq)
+  end
+  local n = redis.call('PUBLISH', topic, body)
+  if seq then redis.call('PUBLISH', P .. 'ctl', 'e') end
+  return n + fan_out(topic, body, seq, maxlen)
+elseif op == 'P' then
+  -- cluster publish: topic, body, retain, maxlen, broad hash of the slot, classic prefix
+  local topic, body, retain, maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+  local broad, C = ARGV[7], ARGV[8]
+  local seq = false
+  if retain == '1' then seq = retain_body(topic, body) end
+  local frame = (seq or '') .. '\0' .. topic .. '\0' .. body
+  local n = redis.call('SPUBLISH', P .. 't:' .. topic, frame)
+  for _, entry in ipairs(leased(P .. 'patterns', topic, true)) do
+    n = n + redis.call('SPUBLISH', P .. 'p:' .. entry[2], frame)
+  end
+  for _, entry in ipairs(leased(broad, topic, true)) do
+    n = n + redis.call('PUBLISH', C .. 'p:' .. entry[2], frame)
+  end
+  return n + fan_out(topic, body, seq, maxlen)
 elseif op == 'r' then
   -- register or refresh a route: stream, group, pattern, ttl ms
   local stream, group, pattern, ttl = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
-  local now = now_ms()
-  redis.call('HSET', P .. 'routes', stream, (now + ttl) .. ' ' .. pattern)
+  lease(P .. 'routes', stream, pattern, ttl)
   redis.pcall('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
   redis.call('PEXPIRE', stream, ttl)
-  local routes = redis.call('HGETALL', P .. 'routes')
-  for i = 1, #routes, 2 do
-    local value = routes[i + 1]
-    local sp = string.find(value, ' ', 1, true)
-    if (not sp) or tonumber(string.sub(value, 1, sp - 1)) < now then
-      redis.call('HDEL', P .. 'routes', routes[i])
-    end
-  end
   return 1
 elseif op == 'u' then
   -- unregister a route: stream, delete the stream too ('1') or leave it to expire
@@ -133,6 +198,13 @@ elseif op == 'l' then
     redis.call('DEL', stream)
   end
   return 1
+elseif op == 'a' then
+  -- lease a pattern (cluster pub/sub): hash, field, pattern, ttl ms
+  lease(ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]))
+  return 1
+elseif op == 'd' then
+  -- drop a pattern lease: hash, field
+  return redis.call('HDEL', ARGV[3], ARGV[4])
 elseif op == 'g' then
   -- the retained body and sequence of one topic
   local body = redis.call('HGET', P .. 'retained', ARGV[3])
@@ -151,3 +223,34 @@ elseif op == 's' then
 end
 return redis.error_reply('cascade_bus: unknown script operation ' .. tostring(op))
 """
+
+SCRIPT = _HELPERS + _OPS
+"""The script text (``SCRIPT LOAD``); the first argument is the operation, the second ``N``."""
+
+BROAD_SCRIPT = r"""#!lua flags=allow-cross-slot-keys
+-- Redis Cluster: write (op 'a') or drop (op 'd') broad-pattern leases in the `broad` hashes of
+-- many slots at once. Called with 0 keys on one master, for the slots it owns; the hash names
+-- come last in ARGV. ARGV: op, ttl ms, n, field 1, pattern 1, ..., field n, pattern n, hash...
+local op, ttl, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local first = 4 + 2 * n
+local expiry = false
+if op == 'a' then
+  local t = redis.call('TIME')
+  expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
+end
+for k = first, #ARGV do
+  local key = ARGV[k]
+  for i = 0, n - 1 do
+    local field = ARGV[4 + 2 * i]
+    if expiry then
+      redis.call('HSET', key, field, expiry .. ' ' .. ARGV[5 + 2 * i])
+    else
+      redis.call('HDEL', key, field)
+    end
+  end
+  if expiry and redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+return #ARGV - first + 1
+"""
+"""Broad leases for all the slots of one master in one call (Redis 7's cross-slot flag lets a
+script touch keys of several slots when all are local; they cannot be declared as keys)."""

@@ -24,7 +24,15 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-__all__ = ["NativeSub", "escape_glob", "native_subscriptions", "pattern_glob", "scan_glob"]
+__all__ = [
+    "NativeSub",
+    "escape_glob",
+    "hash_tag",
+    "native_subscriptions",
+    "pattern_glob",
+    "scan_glob",
+    "shard_key",
+]
 
 _ESCAPES = str.maketrans({c: "\\" + c for c in "?*[]\\"})
 
@@ -78,3 +86,30 @@ def scan_glob(pattern: str) -> str:
     if levels[-1] == "#":
         return _glob(levels[:-1]) + "*"
     return _glob(levels)
+
+
+def shard_key(name: str, levels: int) -> str | None:
+    """Return the shard key of a topic or pattern (its first ``levels`` levels), or None.
+
+    Redis Cluster keeps everything of one shard key in one hash slot. A topic shorter than
+    ``levels`` is its own key. A pattern has a key only when no wildcard falls inside those
+    levels (``a/b/#`` with 2 levels: ``a/b``); otherwise (``+/x``, ``#``, ``a/#`` with 2
+    levels, which also matches ``a``) its topics may live in any slot and None is returned.
+    """
+    head = name.split("/", levels)[:levels]
+    if "+" in head or "#" in head:
+        return None
+    return "/".join(head)
+
+
+_TAG_ESCAPES = str.maketrans({"%": "%25", "}": "%7D"})
+
+
+def hash_tag(key: str) -> str:
+    """Return ``{key}`` as a Redis Cluster hash tag (``%`` and ``}`` percent-escaped).
+
+    Redis hashes only what lies between the first ``{`` and the next ``}``, so a ``}`` inside
+    the shard key would cut the tag short (and ``}x`` would leave it empty); escaping keeps every
+    key built from one shard key in one slot, and distinct shard keys distinct.
+    """
+    return "{" + key.translate(_TAG_ESCAPES) + "}"

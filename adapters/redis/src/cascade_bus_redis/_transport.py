@@ -159,6 +159,7 @@ class _Stream:
         "inflight",
         "key",
         "noack",
+        "ns",
         "pattern",
         "queue",
         "task",
@@ -166,9 +167,16 @@ class _Stream:
     )
 
     def __init__(
-        self, key: bytes, consumer: bytes, pattern: str, queue: str | None, noack: bool
+        self,
+        key: bytes,
+        consumer: bytes,
+        pattern: str,
+        queue: str | None,
+        noack: bool,
+        ns: bytes,
     ) -> None:
         self.key = key
+        self.ns = ns  # the script namespace the stream's route lives in
         self.consumer = consumer
         self.pattern = pattern
         self.queue = queue
@@ -227,6 +235,41 @@ class _Native:
         self.routes: list[tuple[str | None, _Sub]] = []
 
 
+class _Flow:
+    """Flow control of one pub/sub connection: stop parsing while a subscription is full."""
+
+    __slots__ = ("full", "task")
+
+    def __init__(self) -> None:
+        self.full: list[MessageSink] = []
+        self.task: asyncio.Task[None] | None = None
+
+    def hold(
+        self,
+        conn: RespConnection,
+        sink: MessageSink,
+        spawn: Callable[[Awaitable[Any], str], asyncio.Task[Any]],
+    ) -> None:
+        """Stop parsing ``conn`` until ``sink`` (and every other full one) has room again."""
+        conn.hold()
+        if sink not in self.full:
+            self.full.append(sink)
+        if self.task is None or self.task.done():
+            self.task = spawn(self._wait_room(conn), "flow-control")
+
+    async def _wait_room(self, conn: RespConnection) -> None:
+        # Releasing parses replies already buffered, which may fill a sink again: loop until a
+        # release leaves every sink with room (this task is still running, so nobody else
+        # would start another).
+        while True:
+            while self.full:
+                await self.full[0].ready()
+                self.full.pop(0)
+            conn.release()
+            if not self.full:
+                return
+
+
 class _Handle(TransportSubscription):
     __slots__ = ("sub", "transport")
 
@@ -253,6 +296,11 @@ class RedisTransport(NetworkTransport):
     replies outstanding).
     """
 
+    #: Error codes after which a stream reader reconnects instead of failing (Redis Cluster).
+    _RETRY_CODES: ClassVar[frozenset[str]] = frozenset()
+    #: Parse the URL for Redis Cluster (several seed hosts, no database number).
+    _CLUSTER: ClassVar[bool] = False
+
     capabilities: Capabilities = Capabilities(
         max_qos=1,
         retain=True,
@@ -271,7 +319,7 @@ class RedisTransport(NetworkTransport):
 
     def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
         super().__init__(url, options)
-        self._opts = o = RedisOptions.parse(url, self.options)
+        self._opts = o = RedisOptions.parse(url, self.options, cluster=self._CLUSTER)
         self._id = os.urandom(8).hex()
         prefix = o.prefix.encode()
         self._prefix = prefix
@@ -298,8 +346,7 @@ class RedisTransport(NetworkTransport):
         self._tokens = itertools.count(1)
         self._barriers: dict[bytes, asyncio.Future[None]] = {}
         self._pongs: dict[bytes, asyncio.Future[None]] = {}
-        self._full: list[MessageSink] = []
-        self._flow_task: asyncio.Task[None] | None = None
+        self._flow = _Flow()
         self._ack_streams: set[_Stream] = set()
         self._ack_handle: asyncio.Handle | None = None
         self._stream_names: dict[str, int] = {}
@@ -337,13 +384,18 @@ class RedisTransport(NetworkTransport):
 
     # -- connecting ------------------------------------------------------------------------------
 
-    async def _open(self, role: str, **callbacks: Any) -> RespConnection:
+    async def _open(
+        self, role: str, *, address: tuple[str, int] | None = None, **callbacks: Any
+    ) -> RespConnection:
+        """Open one connection (to ``address``, by default the URL's server) and handshake."""
         o = self._opts
-        conn = RespConnection(f"{self.url.endpoint()} ({role})", **callbacks)
+        host, port = address or (o.host, o.port)
+        where = f"{host}:{port}" if address else self.url.endpoint()
+        conn = RespConnection(f"{where} ({role})", **callbacks)
         try:
             await conn.open(
-                o.host,
-                o.port,
+                host,
+                port,
                 tls=o.tls,
                 username=o.username,
                 password=o.password,
@@ -353,13 +405,11 @@ class RedisTransport(NetworkTransport):
         except ReplyError as exc:
             conn.abort()
             if exc.code in ("WRONGPASS", "NOAUTH", "NOPERM") or "password" in str(exc).lower():
-                raise ConnectError(
-                    f"{self.url.endpoint()} refused the credentials: {exc}"
-                ) from None
-            raise ConnectError(f"{self.url.endpoint()} refused the connection: {exc}") from None
+                raise ConnectError(f"{where} refused the credentials: {exc}") from None
+            raise ConnectError(f"{where} refused the connection: {exc}") from None
         except (OSError, RespLost) as exc:
             conn.abort()
-            raise ConnectError(f"could not connect to {self.url.endpoint()}: {exc}") from None
+            raise ConnectError(f"could not connect to {where}: {exc}") from None
         except BaseException:
             conn.abort()
             raise
@@ -430,11 +480,7 @@ class RedisTransport(NetworkTransport):
             if self._closing:
                 return
             self._set_connected(False)
-            cause = None
-            for conn in (self._cmd, self._pubsub):
-                if conn is not None:
-                    cause = cause or conn.lost_cause
-                    conn.abort()
+            cause = self._abort_connections()
             self._take_inflight()
             self._fail_sync(ConnectionLost(f"lost the connection to {self.url.endpoint()}"))
             if not self._opts.reconnect:
@@ -443,6 +489,15 @@ class RedisTransport(NetworkTransport):
                 return
             log.warning("lost the connection to %s (%s); reconnecting", self.url.endpoint(), cause)
             await self._reconnect()
+
+    def _abort_connections(self) -> BaseException | None:
+        """Drop the command and pub/sub connections; return why the first one was lost."""
+        cause = None
+        for conn in (self._cmd, self._pubsub):
+            if conn is not None:
+                cause = cause or conn.lost_cause
+                conn.abort()
+        return cause
 
     def _take_inflight(self) -> None:
         """Requeue QoS 1 publishes the lost connection never answered; count lost QoS 0 ones."""
@@ -504,11 +559,10 @@ class RedisTransport(NetworkTransport):
                 TimeoutError,
             ) as exc:
                 log.info("reconnect attempt %d to %s failed: %s", attempt, self.url.endpoint(), exc)
-                for conn in (self._cmd, self._pubsub):
-                    if conn is not None:
-                        conn.abort()
+                self._abort_connections()
                 continue
             if self._lost.is_set():
+                self._abort_connections()  # lost again at once: drop this attempt's connections
                 continue
             break
         else:  # pragma: no cover - backoff_delays never ends
@@ -585,7 +639,7 @@ class RedisTransport(NetworkTransport):
             return
         self._closing = True
         self._closed = True
-        tasks = [t for t in (self._supervisor, self._heartbeat_task, self._flow_task) if t]
+        tasks = [t for t in (self._supervisor, self._heartbeat_task, self._flow.task) if t]
         for sub in list(self._subs):
             sub.closed = True
             if sub.stream is not None and sub.stream.task is not None:
@@ -740,8 +794,11 @@ class RedisTransport(NetworkTransport):
     def _script_packed(self, op: bytes, *args: bytes) -> bytes:
         return pack(b"EVALSHA", self._sha, b"0", op, self._prefix, *args)
 
-    async def _script(self, op: bytes, *args: bytes) -> Any:
-        """Run one script operation on the command connection (reloading it once if needed)."""
+    async def _script(self, op: bytes, *args: bytes, ns: bytes | None = None) -> Any:
+        """Run one script operation on the command connection (reloading it once if needed).
+
+        ``ns`` is the script namespace; the standalone server has one, the key prefix.
+        """
         for attempt in (1, 2):
             cmd = self._cmd
             if cmd is None or cmd.lost:
@@ -822,25 +879,8 @@ class RedisTransport(NetworkTransport):
     def _hold_for(self, sink: MessageSink) -> None:
         """Flow control: stop parsing pub/sub messages until the full sink has room again."""
         pubsub = self._pubsub
-        if pubsub is None:
-            return
-        pubsub.hold()
-        if sink not in self._full:
-            self._full.append(sink)
-        if self._flow_task is None or self._flow_task.done():
-            self._flow_task = self._spawn(self._wait_room(pubsub), "flow-control")
-
-    async def _wait_room(self, pubsub: RespConnection) -> None:
-        # Releasing parses replies already buffered, which may fill a sink again: loop until a
-        # release leaves every sink with room (this task is still running, so nobody else
-        # would start another).
-        while True:
-            while self._full:
-                await self._full[0].ready()
-                self._full.pop(0)
-            pubsub.release()
-            if not self._full:
-                return
+        if pubsub is not None:
+            self._flow.hold(pubsub, sink, self._spawn)
 
     async def _pubsub_sync(self, commands: list[bytes]) -> None:
         """Send (P)SUBSCRIBE commands, then a PING; its PONG proves they all took effect."""
@@ -877,18 +917,20 @@ class RedisTransport(NetworkTransport):
         finally:
             self._barriers.pop(token, None)
 
-    async def _snapshot(self, pattern: str) -> dict[str, tuple[int, bytes]]:
-        """Read the retained messages matching ``pattern`` with their sequence numbers."""
+    async def _snapshot(
+        self, pattern: str, ns: bytes | None = None
+    ) -> dict[str, tuple[int, bytes]]:
+        """Read the retained messages matching ``pattern`` (in namespace ``ns``) with sequences."""
         out: dict[str, tuple[int, bytes]] = {}
         if "+" not in pattern and "#" not in pattern:
-            body, seq = await self._script(b"g", pattern.encode())
+            body, seq = await self._script(b"g", pattern.encode(), ns=ns)
             if body:
                 out[pattern] = (int(seq or 0), body)
             return out
         glob = scan_glob(pattern).encode()
         cursor = b"0"
         while True:
-            page = await self._script(b"s", cursor, glob, _SCAN_COUNT)
+            page = await self._script(b"s", cursor, glob, _SCAN_COUNT, ns=ns)
             cursor = page[0]
             for i in range(1, len(page), 3):
                 topic = page[i].decode("utf-8", "replace")
@@ -998,19 +1040,23 @@ class RedisTransport(NetworkTransport):
             raise
         await self._drain_window(sub, snapshot, resync=False)
 
+    def _namespace(self, pattern: str) -> bytes:
+        """The script namespace of a stream subscription's pattern (standalone: the prefix)."""
+        return self._prefix
+
     def _stream_for(self, sub: _Sub) -> _Stream:
         o = self._opts
-        prefix = o.prefix
+        ns = self._namespace(sub.pattern)
         if sub.queue is not None:
-            key = f"{prefix}q:{sub.queue}/{sub.pattern}"
+            key = ns + f"q:{sub.queue}/{sub.pattern}".encode()
             consumer = f"{o.client_id}:{next(self._queue_consumers)}"
-            return _Stream(key.encode(), consumer.encode(), sub.pattern, sub.queue, not sub.qos)
+            return _Stream(key, consumer.encode(), sub.pattern, sub.queue, not sub.qos, ns)
         # The n-th QoS 1 subscription of this client to a pattern: stable across restarts of
         # a process with a fixed client_id, so it resumes its stream.
         n = self._stream_names.get(sub.pattern, 0)
         self._stream_names[sub.pattern] = n + 1
-        key = f"{prefix}s:{o.client_id}:{n}/{sub.pattern}"
-        stream = _Stream(key.encode(), b"c", sub.pattern, None, False)
+        key = ns + f"s:{o.client_id}:{n}/{sub.pattern}".encode()
+        stream = _Stream(key, b"c", sub.pattern, None, False, ns)
         stream.delete_on_close = not o.client_id_given
         return stream
 
@@ -1029,8 +1075,26 @@ class RedisTransport(NetworkTransport):
 
     async def _register(self, stream: _Stream) -> None:
         await self._script(
-            b"r", stream.key, GROUP, stream.pattern.encode(), str(self._ttl_ms).encode()
+            b"r",
+            stream.key,
+            GROUP,
+            stream.pattern.encode(),
+            str(self._ttl_ms).encode(),
+            ns=stream.ns,
         )
+
+    async def _call(self, *args: bytes) -> Any:
+        """Run one command on the command connection and return its reply.
+
+        Raises:
+            ConnectionLost: not connected.
+            RespLost: the connection dropped before the reply.
+            ReplyError: Redis refused the command.
+        """
+        cmd = self._cmd
+        if cmd is None or cmd.lost:
+            raise ConnectionLost(f"not connected to {self.url.endpoint()}")
+        return await cmd.call(*args)
 
     async def _subscribe_stream(self, sub: _Sub) -> None:
         stream = sub.stream = self._stream_for(sub)
@@ -1049,10 +1113,7 @@ class RedisTransport(NetworkTransport):
                 token = b"%s:%d" % (self._id.encode(), next(self._tokens))
                 fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 stream.barriers[token] = fut
-                cmd = self._cmd
-                if cmd is None or cmd.lost:
-                    raise ConnectionLost(f"not connected to {self.url.endpoint()}")
-                await cmd.call(b"XADD", stream.key, b"*", b"b", token)
+                await self._call(b"XADD", stream.key, b"*", b"b", token)
                 await fut
         except BaseException:
             await self._remove(sub)
@@ -1082,7 +1143,7 @@ class RedisTransport(NetworkTransport):
                 try:
                     if conn is None or conn.lost:
                         await self._wait_up()
-                        conn = stream.conn = await self._open("stream")
+                        conn = stream.conn = await self._open_stream(stream)
                         await self._read_pending(sub, stream, conn, count)
                         delays = None
                     if not ready.done():
@@ -1111,6 +1172,16 @@ class RedisTransport(NetworkTransport):
                     delays = delays or backoff_delays(o.reconnect_min, o.reconnect_max)
                     await asyncio.sleep(next(delays))
                 except ReplyError as exc:
+                    if exc.code in self._RETRY_CODES:
+                        # Redis Cluster: the slot moved or the cluster is (re)configuring.
+                        log.info("%s: %s; reconnecting the stream", stream.key.decode(), exc)
+                        if stream.conn is not None:
+                            stream.conn.abort()
+                        stream.conn = None
+                        await self._on_redirect(exc)
+                        delays = delays or backoff_delays(o.reconnect_min, o.reconnect_max)
+                        await asyncio.sleep(next(delays))
+                        continue
                     if exc.code != "NOGROUP":
                         if not ready.done():
                             ready.set_exception(exc)
@@ -1130,6 +1201,13 @@ class RedisTransport(NetworkTransport):
         finally:
             if sub.closed and stream.conn is not None:
                 stream.conn.abort()
+
+    async def _open_stream(self, stream: _Stream) -> RespConnection:
+        """Open the connection a stream subscription reads on (standalone: the server)."""
+        return await self._open("stream")
+
+    async def _on_redirect(self, error: ReplyError) -> None:
+        """A stream command was redirected (Redis Cluster: MOVED, ASK...); standalone: never."""
 
     async def _read_pending(
         self, sub: _Sub, stream: _Stream, conn: RespConnection, count: bytes
@@ -1258,10 +1336,14 @@ class RedisTransport(NetworkTransport):
             if self._connected:
                 try:
                     self._flush_acks()
-                    await self._script(*self._leave_args(stream))
+                    await self._script(*self._leave_args(stream), ns=stream.ns)
                 except (ConnectionLost, ReplyError) as exc:
                     log.debug("removing the route %r: %r", stream.key, exc)
             return
+        await self._remove_pubsub(sub)
+
+    async def _remove_pubsub(self, sub: _Sub) -> None:
+        """Drop a pub/sub subscription's share of its native subscriptions."""
         unsubscribe: dict[bytes, list[bytes]] = {b"UNSUBSCRIBE": [], b"PUNSUBSCRIBE": []}
         for native_sub in native_subscriptions(sub.pattern):
             name = native_sub.name.encode()
