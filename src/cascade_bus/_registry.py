@@ -37,6 +37,8 @@ KNOWN_PACKAGES: dict[str, str] = {
     "tls": "cascade-bus-nats",
     "redis": "cascade-bus-redis",
     "rediss": "cascade-bus-redis",
+    "redis+cluster": "cascade-bus-redis[cluster]",
+    "rediss+cluster": "cascade-bus-redis[cluster]",
 }
 
 # Used only when the package metadata is missing (running from a source tree without install).

@@ -95,7 +95,13 @@ _SERVER_PORT = "server.port"
 _NO_PARENT = otel_context.Context()
 
 # TLS variants of a scheme report the system itself (NATS's TLS scheme is ``tls://``).
-_SYSTEM_OF_SCHEME = {"mqtts": "mqtt", "rediss": "redis", "tls": "nats"}
+_SYSTEM_OF_SCHEME = {
+    "mqtts": "mqtt",
+    "rediss": "redis",
+    "redis+cluster": "redis",
+    "rediss+cluster": "redis",
+    "tls": "nats",
+}
 
 _DROP_REASONS: tuple[str, ...] = tuple(
     value for name, value in vars(DropReason).items() if name.isupper() and isinstance(value, str)

@@ -16,6 +16,16 @@ BROKERS: dict[str, tuple[str, str, int]] = {
     "tls": ("a NATS server with TLS", "nats-server -js --tls ...", 4222),
     "redis": ("a Redis server", "redis-server --port {port}", 6379),
     "rediss": ("a Redis server with TLS", "redis-server --tls-port {port} ...", 6380),
+    "redis+cluster": (
+        "a Redis Cluster",
+        "redis-server --cluster-enabled yes --port {port} ... && redis-cli --cluster create ...",
+        6379,
+    ),
+    "rediss+cluster": (
+        "a Redis Cluster with TLS",
+        "redis-server --cluster-enabled yes --tls-cluster yes ...",
+        6380,
+    ),
 }
 
 _DNS = ("name or service not known", "nodename nor servname", "name resolution", "getaddrinfo")
