@@ -31,6 +31,11 @@ Ping-pong (µs, p50/p99 of K round trips, median over repeats): client A publish
 client B (another connection) receives it and publishes a pong, A waits for the pong before
 the next ping. Both legs use the row's QoS, so a round trip crosses the broker twice.
 
+QoS 1 publish round trip (µs, p50/p99 of K publishes, median over repeats): from the publish
+call until it returns (its PUBACK arrived), one at a time, to a topic nobody subscribes to.
+``raw socket`` is the floor: a blocking socket sending a hand-made PUBLISH and reading the
+PUBACK, no MQTT library and no event loop; what a row adds to it is the client's own share.
+
 Targets (from the MQTT adapter's issue), checked like for like: cascade-bus awaited ≥ 1.5x
 aiomqtt naive, cascade-bus gathered ≥ 1.0x aiomqtt gathered (at QoS 0 and QoS 1); QoS 1 round
 trip p50 ≤ 1 ms; at QoS 0 at most 30 µs added to the bare aiomqtt round trip p50. The exit
@@ -307,6 +312,101 @@ def paho_pingpong(port: int, k: int, qos: int) -> list[float]:
         paho_close(a, b)
 
 
+# -- QoS 1 publish round trip (publish call -> PUBACK) ------------------------------------------
+
+
+def mqtt_packet(first: int, body: bytes) -> bytes:
+    """One MQTT packet: the first byte, the remaining length, the body (bodies < 16 KiB)."""
+    size = len(body)
+    length = bytes((size,)) if size < 128 else bytes((size & 0x7F | 0x80, size >> 7))
+    return bytes((first,)) + length + body
+
+
+def read_packet(sock: socket.socket, buf: bytearray) -> bytes:
+    """Read one whole packet (blocking); bytes after it stay in ``buf``."""
+    while True:
+        if len(buf) >= 2:
+            size, shift, at = 0, 0, 1
+            while at < len(buf):
+                size |= (buf[at] & 0x7F) << shift
+                shift += 7
+                at += 1
+                if buf[at - 1] < 0x80:
+                    if len(buf) >= at + size:
+                        packet = bytes(buf[: at + size])
+                        del buf[: at + size]
+                        return packet
+                    break
+        data = sock.recv(65_536)
+        if not data:
+            raise RuntimeError("the broker closed the connection")
+        buf += data
+
+
+def raw_publish_rtt(port: int, k: int) -> list[float]:
+    """The floor: hand-made MQTT 5 packets over a blocking socket, nothing else."""
+    t = topic("raw").encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client_id = f"raw-{uuid.uuid4().hex[:8]}".encode()
+        connect = b"\x00\x04MQTT\x05\x02\x00\x3c\x00" + len(client_id).to_bytes(2, "big")
+        sock.sendall(mqtt_packet(0x10, connect + client_id))
+        buf = bytearray()
+        if read_packet(sock, buf)[0] != 0x20:
+            raise RuntimeError("no CONNACK")
+        head = len(t).to_bytes(2, "big") + t
+        samples: list[float] = []
+        for i in range(k + k // 10):
+            packet = mqtt_packet(0x32, head + (i % 65_535 + 1).to_bytes(2, "big") + b"\x00" + BODY)
+            start = time.perf_counter()
+            sock.sendall(packet)
+            if read_packet(sock, buf)[0] != 0x40:
+                raise RuntimeError("no PUBACK")
+            if i >= k // 10:
+                samples.append(time.perf_counter() - start)
+        sock.sendall(b"\xe0\x00")  # DISCONNECT
+        return samples
+
+
+async def aiomqtt_publish_rtt(port: int, k: int) -> list[float]:
+    t = topic("aiomqtt-rtt")
+    async with aiomqtt_client(port) as client:
+        samples: list[float] = []
+        for i in range(k + k // 10):
+            start = time.perf_counter()
+            await client.publish(t, BODY, 1)
+            if i >= k // 10:
+                samples.append(time.perf_counter() - start)
+        return samples
+
+
+async def bus_publish_rtt(url: str, k: int) -> list[float]:
+    t = topic("bus-rtt")
+    async with cascade_bus.connect(url) as bus:
+        samples: list[float] = []
+        for i in range(k + k // 10):
+            start = time.perf_counter()
+            await bus.publish(t, PAYLOAD, qos=1)
+            if i >= k // 10:
+                samples.append(time.perf_counter() - start)
+        return samples
+
+
+def paho_publish_rtt(port: int, k: int) -> list[float]:
+    t = topic("paho-rtt")
+    client = paho_client(port)
+    try:
+        samples: list[float] = []
+        for i in range(k + k // 10):
+            start = time.perf_counter()
+            client.publish(t, BODY, 1).wait_for_publish(10)
+            if i >= k // 10:
+                samples.append(time.perf_counter() - start)
+        return samples
+    finally:
+        paho_close(client)
+
+
 # -- running and reporting ----------------------------------------------------------------------
 
 
@@ -393,6 +493,20 @@ def build_latency_rows(broker: BrokerProcess, args: argparse.Namespace) -> list[
     return rows
 
 
+def build_publish_rows(broker: BrokerProcess, args: argparse.Namespace) -> list[LatencyRow]:
+    url, port, k = broker.url, broker.port, args.pings
+    rows = [
+        LatencyRow("raw socket", 1, partial(asyncio.to_thread, raw_publish_rtt, port, k)),
+        LatencyRow("cascade-bus", 1, partial(bus_publish_rtt, url, k)),
+        LatencyRow("aiomqtt", 1, partial(aiomqtt_publish_rtt, port, k)),
+    ]
+    if not args.no_paho:
+        rows.append(
+            LatencyRow("paho threads", 1, partial(asyncio.to_thread, paho_publish_rtt, port, k))
+        )
+    return rows
+
+
 def find(rows: list[Row], name: str, qos: int) -> Row:
     return next(r for r in rows if r.name == name and r.qos == qos)
 
@@ -432,7 +546,12 @@ def table(header: list[str], lines: list[list[str]], markdown: bool) -> None:
         print(fmt.format(*line))
 
 
-def report(rows: list[Row], latency: list[LatencyRow], args: argparse.Namespace) -> bool:
+def report(
+    rows: list[Row],
+    latency: list[LatencyRow],
+    publish_rtt: list[LatencyRow],
+    args: argparse.Namespace,
+) -> bool:
     print(
         f"\nThroughput: {args.messages:,} messages of ~100 B, median of {args.repeat} rounds "
         f"(ratios: median of per-round ratios); gathered = {args.chunk} publishes per gather\n"
@@ -471,6 +590,22 @@ def report(rows: list[Row], latency: list[LatencyRow], args: argparse.Namespace)
             ]
         )
     table(["client", "QoS", "p50 µs", "p99 µs", "added p50 µs"], lines, args.markdown)
+    print(
+        f"\nQoS 1 publish round trip (publish call until its PUBACK; nobody subscribes), "
+        f"{args.pings:,} publishes one at a time\n"
+    )
+    lines = []
+    floor = find_latency(publish_rtt, "raw socket", 1).p50s
+    for lat in publish_rtt:
+        lines.append(
+            [
+                lat.name,
+                f"{lat.p50 * 1e6:,.0f}",
+                f"{lat.p99 * 1e6:,.0f}",
+                f"{paired(lat.p50s, floor, difference) * 1e6:+.0f}",
+            ]
+        )
+    table(["client", "p50 µs", "p99 µs", "over raw socket p50 µs"], lines, args.markdown)
     print("\nTargets")
     checks: list[tuple[str, str, bool]] = []
     for qos in (0, 1):
@@ -524,6 +659,7 @@ async def run(args: argparse.Namespace) -> bool:
     try:
         rows = build_rows(broker, args)
         latency = build_latency_rows(broker, args)
+        publish_rtt = build_publish_rows(broker, args)
         for repeat in range(args.repeat):
             for row in rows:
                 gc.collect()
@@ -532,13 +668,13 @@ async def run(args: argparse.Namespace) -> bool:
                 row.cpu.append((time.process_time() - cpu) / args.messages)
                 if args.verbose:
                     print(f"  {row.name} QoS {row.qos}: {row.rates[-1]:,.0f}/s", file=sys.stderr)
-            for lat in latency:
+            for lat in latency + publish_rtt:
                 gc.collect()
                 samples = await lat.run()
                 lat.p50s.append(percentile(samples, 0.50))
                 lat.p99s.append(percentile(samples, 0.99))
             print(f"repeat {repeat + 1}/{args.repeat} done", file=sys.stderr)
-        return report(rows, latency, args)
+        return report(rows, latency, publish_rtt, args)
     finally:
         await asyncio.to_thread(broker.close)
 

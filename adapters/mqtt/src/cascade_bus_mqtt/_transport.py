@@ -2,8 +2,10 @@
 
 aiomqtt integrates paho with asyncio (socket readers/writers, keepalive) and we use it for that.
 Its per-message path (an asyncio.Queue, a task and ``wait_for`` per message) is what limits it,
-so publishes go straight to the paho client with one future per QoS>=1 message, and received
-messages go straight from paho's ``on_message`` into the bus's subscription queues.
+so publishes bypass it with one future per QoS>=1 message, and received messages go straight
+from paho's ``on_message`` into the bus's subscription queues. The packets of the hot path
+(PUBLISH out, PUBACK/PUBREC/PUBCOMP in, PUBACK out) are encoded and parsed here (`_Wire`);
+paho keeps the rest of the protocol (CONNECT, SUBSCRIBE, incoming PUBLISH, keepalive).
 
 Reliability, which aiomqtt 2.x leaves to the user:
 
@@ -36,6 +38,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -83,6 +86,9 @@ _OUT_HIGH = 2048  # paho packets waiting for the socket before a QoS 0 publisher
 _BARRIER_ID = 1
 _COALESCE_BYTES = 64 * 1024  # at most this much of paho's queue goes into one send
 _NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK/PUBREC reason code (a success code)
+_PUBLISH, _PUBACK, _PUBREC, _PUBREL, _PUBCOMP = 0x30, 0x40, 0x50, 0x60, 0x70
+_READ_SIZE = 64 * 1024  # bytes asked of the socket per read (below malloc's mmap threshold)
+_TOPIC_CACHE = 4096  # encoded topics kept (cleared when full)
 # Persistent sessions start their subscription identifiers at a random point below this
 # (MQTT allows up to 268,435,455), so a restarted process does not reuse its predecessor's.
 _ID_SPREAD = 1 << 27
@@ -103,9 +109,14 @@ _V311_CAPS = msgspec.structs.replace(_V5_CAPS, headers=False, queue_groups=False
 
 
 class _Outgoing:
-    """A publish the broker has not acknowledged yet (or that waits for a connection)."""
+    """A publish the broker has not acknowledged yet (or that waits for a connection).
 
-    __slots__ = ("data", "future", "props", "qos", "retain", "topic")
+    ``props`` is the encoded MQTT 5 property block (a single zero byte for none; empty with
+    3.1.1). ``control``: the adapter's own (barrier, presence), tied to one connection: never
+    buffered or resent, its future cancelled when that connection goes.
+    """
+
+    __slots__ = ("control", "data", "future", "props", "qos", "retain", "topic")
 
     def __init__(
         self,
@@ -113,8 +124,9 @@ class _Outgoing:
         data: bytes,
         qos: int,
         retain: bool,
-        props: Properties | None,
+        props: bytes,
         future: asyncio.Future[None] | None,
+        control: bool = False,
     ) -> None:
         self.topic = topic
         self.data = data
@@ -122,6 +134,7 @@ class _Outgoing:
         self.retain = retain
         self.props = props
         self.future = future
+        self.control = control
 
     def settle(self, error: BaseException | None = None) -> None:
         fut = self.future
@@ -195,21 +208,400 @@ def _coalesce(out: deque[Any]) -> None:
     )
 
 
+def _remaining(size: int) -> bytes:
+    """MQTT's variable-length encoding of a packet's remaining length."""
+    out = bytearray()
+    while True:
+        byte, size = size & 0x7F, size >> 7
+        if size:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _publish_packet(
+    head: bytes, data: bytes, qos: int, retain: bool, props: bytes, mid: int
+) -> bytes:
+    """A whole PUBLISH packet; ``head`` is the length-prefixed topic (see `_topic_head`)."""
+    size = len(head) + len(props) + len(data)
+    first = _PUBLISH | qos << 1 | retain
+    if qos:
+        size += 2
+        fixed = bytes((first, size)) if size < 128 else bytes((first,)) + _remaining(size)
+        return b"".join((fixed, head, mid.to_bytes(2, "big"), props, data))
+    fixed = bytes((first, size)) if size < 128 else bytes((first,)) + _remaining(size)
+    return b"".join((fixed, head, props, data))
+
+
+def _opaque(packet: bytes | memoryview, pos: int = 0) -> dict[str, Any]:
+    """An entry for paho's write queue that paho writes and otherwise ignores (command 0).
+
+    paho acts after writing two kinds of packet only (a QoS 0 PUBLISH: its ``on_publish``; a
+    DISCONNECT); ours must be neither.
+    """
+    return {
+        "command": 0,
+        "mid": 0,
+        "qos": 0,
+        "pos": pos,
+        "to_process": len(packet) - pos,
+        "packet": packet,
+        "info": None,
+    }
+
+
+class _Malformed(Exception):
+    """The broker sent bytes that are not an MQTT packet."""
+
+
+def _remaining_length(data: bytes | bytearray, at: int, end: int) -> tuple[int, int]:
+    """Decode a remaining length at ``at``: (length, where the packet body starts).
+
+    The start is -1 when the length is not all there yet.
+    """
+    length = 0
+    shift = 0
+    for index in range(at, min(at + 4, end)):
+        byte = data[index]
+        length |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return length, index + 1
+        shift += 7
+    if end - at >= 4:
+        raise _Malformed("remaining length longer than 4 bytes")
+    return 0, -1
+
+
+_Received = tuple[str, bytes, int, int, bool, bool, "dict[str, str] | None", "list[int] | None"]
+
+
+def _parse_publish(
+    command: int, data: bytes | bytearray, start: int, stop: int, v5: bool
+) -> _Received | None:
+    """Decode a QoS 0 or 1 PUBLISH: topic, payload, qos, mid, dup, retain, headers, ids.
+
+    None for anything unusual (a malformed or non-UTF-8 topic, an MQTT 5 property we do not
+    read): paho then decodes it as before. Of the properties, the user properties (headers)
+    and subscription identifiers are read; the ones we ignore are skipped.
+    """
+    qos = (command >> 1) & 3
+    at = start + 2
+    if at > stop:
+        return None
+    end = at + (data[start] << 8 | data[start + 1])
+    if end > stop or end == at:
+        return None
+    try:
+        topic = data[at:end].decode()
+    except UnicodeDecodeError:
+        return None
+    mid = 0
+    if qos:
+        if end + 2 > stop:
+            return None
+        mid = data[end] << 8 | data[end + 1]
+        end += 2
+    headers: dict[str, str] | None = None
+    ids: list[int] | None = None
+    if v5:
+        try:
+            size, at = _remaining_length(data, end, stop)
+        except _Malformed:
+            return None
+        end = at + size
+        if at < 0 or end > stop:
+            return None
+        while at < end:
+            ident = data[at]
+            at += 1
+            if ident == 0x0B:  # subscription identifier
+                try:
+                    value, at = _remaining_length(data, at, end)
+                except _Malformed:
+                    return None
+                if at < 0:
+                    return None
+                if ids is None:
+                    ids = [value]
+                else:
+                    ids.append(value)
+            elif ident == 0x26:  # user property: two UTF-8 strings
+                if at + 2 > end:
+                    return None
+                key_end = at + 2 + (data[at] << 8 | data[at + 1])
+                if key_end + 2 > end:
+                    return None
+                value_end = key_end + 2 + (data[key_end] << 8 | data[key_end + 1])
+                if value_end > end:
+                    return None
+                try:
+                    key = data[at + 2 : key_end].decode()
+                    value_text = data[key_end + 2 : value_end].decode()
+                except UnicodeDecodeError:
+                    return None
+                if headers is None:
+                    headers = {}
+                headers[key] = value_text
+                at = value_end
+            elif ident == 0x01:  # payload format indicator
+                at += 1
+            elif ident == 0x02:  # message expiry interval
+                at += 4
+            elif ident in (0x03, 0x08, 0x09):  # content type, response topic, correlation
+                if at + 2 > end:
+                    return None
+                at += 2 + (data[at] << 8 | data[at + 1])
+            else:  # a topic alias, or anything else: paho's
+                return None
+        if at != end:
+            return None
+    return (
+        topic,
+        bytes(data[end:stop]),
+        qos,
+        mid,
+        bool(command & 0x08),
+        bool(command & 0x01),
+        headers,
+        ids,
+    )
+
+
+class _Wire:
+    """One connection's packet path beside paho: PUBLISH out, its acknowledgements in.
+
+    paho's generic path was most of a QoS 1 round trip: per publish a message object with a
+    condition variable, locks and log calls, its bytes written only at the next turn of the
+    loop; per packet read three ``recv`` calls, and a reason code and a property object per
+    PUBACK. Here a PUBLISH is one ``join`` and, when nothing is queued before it, written at
+    once; the socket is read in large chunks; acknowledgements of our publishes settle their
+    futures directly, and every other packet goes to paho whole, as if paho had read it
+    (``_in_packet``), so paho keeps CONNACK, SUBACK, incoming PUBLISH, PINGRESP, DISCONNECT and
+    keepalive. Whatever we write goes through paho's queue when that holds anything, so bytes
+    leave in the order of the calls.
+    """
+
+    __slots__ = (
+        "armed",
+        "buf",
+        "client",
+        "out",
+        "paho",
+        "pending",
+        "raw",
+        "recv",
+        "sock",
+        "stamp",
+        "transport",
+        "v5",
+        "watching",
+    )
+
+    def __init__(self, transport: MqttTransport, client: aiomqtt.Client) -> None:
+        self.transport = transport
+        self.v5 = transport._v5
+        self.client = client
+        self.paho: paho_mqtt.Client = client._client
+        self.out: deque[Any] = self.paho._out_packet
+        self.sock: Any = None
+        self.raw: socket.socket | None = None  # plain TCP: written at once when it can be
+        self.recv: Callable[[int], bytes] = self.paho._sock_recv
+        self.pending: Callable[[], int] | None = None
+        # True until a packet was written at once; set again by each read or queued write, so
+        # a burst of publishes in one turn of the loop costs one direct write and one more.
+        self.armed = True
+        self.buf: bytes | bytearray = b""  # the start of a packet not all read yet
+        self.watching = False  # the event loop watches the socket for writing
+        # When paho last read something, for its keepalive (paho 2.1 calls it _last_msg_in).
+        paho = self.paho
+        self.stamp = (
+            "_last_bytes_received" if hasattr(paho, "_last_bytes_received") else "_last_msg_in"
+        )
+
+    def attach(self, sock: Any) -> None:
+        """Read and write ``sock``, paho's socket just opened."""
+        self.sock = sock
+        if type(sock) is socket.socket:
+            self.raw = sock
+            self.recv = sock.recv
+        else:  # TLS or paho's websocket wrapper: paho maps their errors (want-read, ...)
+            self.pending = sock.pending
+
+    @property
+    def alive(self) -> bool:
+        """The connection is still open (paho closes its socket when it ends)."""
+        return self.sock is not None and self.paho._sock is self.sock
+
+    def broken(self, exc: BaseException) -> None:
+        """The socket failed: tell the supervisor (via aiomqtt's disconnected future)."""
+        lost = self.client._disconnected
+        if not lost.done():
+            lost.set_exception(exc)
+
+    def write(self, packet: bytes, now: bool) -> None:
+        """Send ``packet`` after whatever is queued; ``now``: at once, if nothing is."""
+        out = self.out
+        raw = self.raw
+        if now and self.armed and raw is not None and not out:
+            self.armed = False
+            try:
+                sent = raw.send(packet)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.broken(exc)
+                return
+            if sent == len(packet):
+                return
+            out.append(_opaque(packet, sent))
+        else:
+            out.append(_opaque(packet))
+        self.paho._call_socket_register_write()
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Queue the PUBACK (QoS 1) or PUBCOMP (QoS 2) of a received message.
+
+        Only on the connection it came on: a message from an older connection cannot be
+        acknowledged on a new one; the broker resends it (a counted duplicate) instead.
+        """
+        if self.alive:
+            kind = _PUBACK if qos == 1 else _PUBCOMP
+            self.out.append(_opaque(bytes((kind, 2, mid >> 8, mid & 0xFF))))
+            self.paho._call_socket_register_write()
+
+    def readable(self) -> None:
+        """The event loop's reader: read what arrived and handle every whole packet."""
+        paho = self.paho
+        try:
+            while True:
+                try:
+                    data = self.recv(_READ_SIZE)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    paho._loop_rc_handle(paho_mqtt.MQTT_ERR_CONN_LOST)
+                    return
+                if not data:
+                    paho._loop_rc_handle(paho_mqtt.MQTT_ERR_CONN_LOST)
+                    return
+                self.armed = True
+                buf = self.buf
+                if buf:
+                    buf += data  # a bytearray: a large packet grows in place
+                else:
+                    self.buf = data
+                if not self._drain():
+                    return
+                # SSL sockets may hold decoded bytes that select() cannot see.
+                pending = self.pending
+                if pending is None or not pending():
+                    return
+        except Exception as exc:  # the connection broke while reading
+            self.broken(exc)
+
+    def resume(self) -> None:
+        """Handle the packets read before reading paused (flow control), then read on."""
+        if not self.alive or self.transport._paused:
+            return
+        try:
+            self._drain()
+        except Exception as exc:
+            self.broken(exc)
+
+    def _drain(self) -> bool:
+        """Handle each whole packet in the buffer; False when reading must stop here."""
+        data = self.buf
+        end = len(data)
+        pos = 0
+        transport = self.transport
+        inflight = transport._inflight
+        paho = self.paho
+        paused = False
+        while end - pos >= 2:
+            length = data[pos + 1]
+            start = pos + 2
+            if length > 127:
+                try:
+                    length, start = _remaining_length(data, pos + 1, end)
+                except _Malformed:
+                    paho._loop_rc_handle(paho_mqtt.MQTT_ERR_PROTOCOL)
+                    return False
+                if start < 0:  # the rest of the header is still on its way
+                    break
+            stop = start + length
+            if stop > end:
+                break
+            command = data[pos]
+            kind = command & 0xF0
+            pos = stop
+            if kind in (_PUBACK, _PUBCOMP, _PUBREC) and length >= 2:
+                mid = data[start] << 8 | data[start + 1]
+                sent = inflight.get(mid)
+                if sent is not None and transport._acked(
+                    self, mid, sent, kind, data[start + 2] if length > 2 else 0
+                ):
+                    continue
+            elif kind == _PUBLISH and not command & 0x04:  # QoS 0 or 1 (paho keeps QoS 2)
+                parsed = _parse_publish(command, data, start, stop, self.v5)
+                if parsed is not None:
+                    transport._received(self, *parsed)
+                    if transport._full and self._paused_now():
+                        paused = True
+                        break
+                    continue
+            elif not kind:
+                paho._loop_rc_handle(paho_mqtt.MQTT_ERR_PROTOCOL)  # packet type 0 is reserved
+                return False
+            # Anything else is paho's: its state after reading a whole packet, so that its
+            # _packet_read only handles it and resets.
+            paho._in_packet = {
+                "command": command,
+                "have_remaining": 1,
+                "remaining_count": [],
+                "remaining_mult": 1,
+                "remaining_length": length,
+                "packet": bytearray(data[start:stop]),
+                "to_process": 0,
+                "pos": 0,
+            }
+            rc = paho._packet_read()
+            if rc:
+                paho._loop_rc_handle(rc)
+                return False
+            if paho._sock is not self.sock:  # it handled a DISCONNECT
+                return False
+            if transport._full and self._paused_now():
+                paused = True
+                break
+        if pos >= end:
+            self.buf = b""
+        elif isinstance(data, bytearray):
+            del data[:pos]
+        else:
+            self.buf = bytearray(memoryview(data)[pos:])
+        setattr(paho, self.stamp, time.monotonic())  # for paho's keepalive
+        return not paused
+
+    def _paused_now(self) -> bool:
+        """A subscription is full: pause reading if allowed; True when it paused."""
+        transport = self.transport
+        transport._pause_reading(self)
+        return transport._paused
+
+
 class _Ack:
     """Acknowledges one received QoS>=1 message once every local subscription handled it.
 
-    With paho's manual acks the PUBACK (PUBCOMP for QoS 2) leaves only after the handlers ran,
-    so a crash before that makes the broker send the message again (at least once, end to end),
+    With manual acks the PUBACK (PUBCOMP for QoS 2) leaves only after the handlers ran, so a
+    crash before that makes the broker send the message again (at least once, end to end),
     and unacknowledged messages count against the broker's in-flight window (flow control).
     """
 
-    __slots__ = ("mid", "paho", "pending", "qos", "transport")
+    __slots__ = ("mid", "pending", "qos", "wire")
 
-    def __init__(
-        self, transport: MqttTransport, paho: paho_mqtt.Client, mid: int, qos: int
-    ) -> None:
-        self.transport = transport
-        self.paho = paho
+    def __init__(self, wire: _Wire, mid: int, qos: int) -> None:
+        self.wire = wire
         self.mid = mid
         self.qos = qos
         self.pending = 0
@@ -226,10 +618,7 @@ class _Ack:
             self._send()
 
     def _send(self) -> None:
-        # A message from an older connection cannot be acknowledged on the new one: the
-        # broker resends it (a counted duplicate) instead.
-        if self.transport._paho is self.paho:
-            self.paho.ack(self.mid, self.qos)
+        self.wire.ack(self.mid, self.qos)
 
 
 class _Entry:
@@ -322,19 +711,23 @@ class MqttTransport(NetworkTransport):
         self._barrier_topic = f"{RESERVED_PREFIX}barrier/{os.urandom(8).hex()}"
         self._barriers: dict[bytes, asyncio.Future[None]] = {}
         self._barrier_ids = itertools.count(1)
+        # Sent QoS>=1 publishes by packet identifier (in sending order), and those waiting for
+        # room in the in-flight window (max_inflight), of the current connection.
         self._inflight: dict[int, _Outgoing] = {}
+        self._waiting: deque[_Outgoing] = deque()
         self._offline: deque[_Outgoing] = deque()
+        self._wire: _Wire | None = None
+        self._heads: dict[str, bytes] = {}
+        self._no_props = b"\x00" if self._v5 else b""
         self._idle = asyncio.Event()
         self._idle.set()
         self._written = asyncio.Event()
         # Subscriptions that reported "full" while reading: reading pauses until they have room.
         self._full: list[MessageSink] = []
         self._paused = False
+        self._paused_wire: _Wire | None = None  # the connection whose reading is paused
         self._resume_task: asyncio.Task[None] | None = None
-        self._readable: Callable[[], None] | None = None
         self._lost_cause: BaseException | None = None
-        # PUBACKs awaited by the adapter itself (presence), by mid of the current client.
-        self._control: dict[int, asyncio.Future[None]] = {}
         # Persistent sessions only: received messages no local subscription wanted yet, with
         # their ack while still unacknowledged (see _take and _claim); None: dropped as before.
         self._unclaimed: deque[tuple[Message, _Ack | None]] | None = None
@@ -430,10 +823,12 @@ class MqttTransport(NetworkTransport):
     async def _open_client(self) -> None:
         self._full.clear()
         self._paused = False  # a new socket starts reading
+        self._paused_wire = None
         client = self._new_client()
         paho = client._client
+        wire = _Wire(self, client)
+        paho.user_data_set(wire)  # so on_message knows the connection (aiomqtt ignores it)
         paho.on_message = self._on_message
-        paho.on_publish = self._on_publish
         paho.manual_ack_set(True)  # PUBACK after the handlers ran (see _Ack)
         loop = asyncio.get_running_loop()
 
@@ -442,26 +837,30 @@ class MqttTransport(NetworkTransport):
         # registers a closed file descriptor (an asyncio error with a traceback), or one already
         # reused by the next connection. Register only while the socket is still paho's.
         def writable() -> None:
+            wire.armed = True
             try:
                 if len(paho._out_packet) > 1:
                     _coalesce(paho._out_packet)
                 paho.loop_write()
             except Exception as exc:  # a broken pipe: the connection is gone
-                if not client._disconnected.done():
-                    client._disconnected.set_exception(exc)
+                wire.broken(exc)
 
         # paho asks for this once per burst (until it has written everything it queued). From
-        # our own thread (every publish, PUBACKs while reading) the packets are written at the
-        # next turn of the loop, which also gathers a burst of publishes into one pass; only if
-        # the socket cannot take them all does the loop watch it for writing. No
+        # our own thread (publishes queued behind others, PUBACKs of received messages) the
+        # packets are written at the next turn of the loop, which also gathers a burst into one
+        # send; only if the socket cannot take them all does the loop watch it for writing. No
         # call_soon_threadsafe (a self-pipe write and wakeup) and no add/remove_writer
         # (two epoll_ctl) per publish, as aiomqtt does.
         loop_thread = threading.get_ident()
 
+        def watch(sock: Any) -> None:
+            wire.watching = True
+            loop.add_writer(sock.fileno(), writable)
+
         def add(sock: Any) -> None:
             current = paho.socket()
             if current is not None and current is sock:
-                loop.add_writer(current.fileno(), writable)
+                watch(current)
 
         def write_soon(sock: Any) -> None:
             current = paho.socket()
@@ -469,7 +868,7 @@ class MqttTransport(NetworkTransport):
                 return
             writable()
             if paho.want_write():  # the socket is full: wait until it drains
-                loop.add_writer(current.fileno(), writable)
+                watch(current)
 
         def register_write(_client: paho_mqtt.Client, userdata: Any, sock: Any) -> None:
             if threading.get_ident() == loop_thread:
@@ -479,23 +878,10 @@ class MqttTransport(NetworkTransport):
 
         paho.on_socket_register_write = register_write
 
-        # Own the socket reader too (aiomqtt's is replaced right after it registers it), so a
-        # full subscription can pause reading: TCP then holds the broker back (flow control).
-        def readable() -> None:
-            try:
-                while True:
-                    paho.loop_read()
-                    if self._full:
-                        self._pause_reading(paho)
-                        break
-                    # SSL sockets may hold decoded bytes that select() cannot see.
-                    sock = paho._sock
-                    if sock is None or not (hasattr(sock, "pending") and sock.pending() > 0):
-                        break
-            except Exception as exc:  # the connection broke while reading
-                if not client._disconnected.done():
-                    client._disconnected.set_exception(exc)
-
+        # Own the socket reader too (aiomqtt's is replaced right after it registers it): the
+        # wire reads (see _Wire), and a full subscription can pause reading: TCP then holds the
+        # broker back (flow control). paho opens the socket before it queues CONNECT, so `own`
+        # runs before CONNECT is written: the wire reads the connection from its first byte.
         on_socket_open = paho.on_socket_open
 
         def socket_open(_client: paho_mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -506,17 +892,18 @@ class MqttTransport(NetworkTransport):
                 current = paho.socket()
                 if current is not None and current is sock:
                     loop.remove_reader(current.fileno())
-                    loop.add_reader(current.fileno(), readable)
+                    wire.attach(current)
+                    loop.add_reader(current.fileno(), wire.readable)
 
             loop.call_soon_threadsafe(own)
 
         paho.on_socket_open = socket_open
-        self._readable = readable
         # Learn when paho has written everything it queued (flush, QoS 0 flow control).
         unregister = paho.on_socket_unregister_write
 
         def written(client: paho_mqtt.Client, userdata: Any, sock: Any) -> None:
-            if unregister is not None:
+            if wire.watching and unregister is not None:  # aiomqtt's: remove the writer
+                wire.watching = False
                 unregister(client, userdata, sock)
             self._written.set()
 
@@ -541,6 +928,7 @@ class MqttTransport(NetworkTransport):
             raise ConnectError(f"could not connect to {self.url.endpoint()}: {exc}") from exc
         self._client = client
         self._paho = paho
+        self._wire = wire
         try:
             await self._subscribe_native(self._barrier_topic, 1, _BARRIER_ID)
             if self._opts.presence_topic:
@@ -571,14 +959,12 @@ class MqttTransport(NetworkTransport):
 
     async def _publish_control(self, topic: str, data: bytes, *, retain: bool) -> None:
         """Publish the adapter's own QoS 1 message and wait (bounded) for its PUBACK."""
-        paho = self._paho
-        if paho is None:
-            raise ConnectionLost(f"not connected to {self.url.endpoint()}")
-        info = paho.publish(topic, data, 1, retain)
-        if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
+        wire = self._wire
+        if wire is None or not wire.alive:
             raise ConnectionLost(f"lost {self.url.endpoint()} while publishing to {topic!r}")
+        self._topic_head(topic)  # validated before it can wait for the window
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._control[info.mid] = fut
+        self._send_qos(wire, _Outgoing(topic, data, 1, retain, self._no_props, fut, True), True)
         try:
             async with asyncio.timeout(10.0):
                 await self._until_lost(fut, f"publishing to {topic!r}")
@@ -586,8 +972,6 @@ class MqttTransport(NetworkTransport):
             raise PublishError(
                 f"{self.url.endpoint()} did not acknowledge the message for {topic!r}", topic=topic
             ) from None
-        finally:
-            self._control.pop(info.mid, None)
 
     async def connect(self) -> None:
         """Connect, subscribe the barrier topic and start the reconnect supervisor.
@@ -608,10 +992,8 @@ class MqttTransport(NetworkTransport):
         )
 
     async def _drop_client(self) -> None:
-        client, self._client, self._paho = self._client, None, None
-        for fut in self._control.values():
-            fut.cancel()
-        self._control.clear()
+        client, self._client, self._paho, self._wire = self._client, None, None, None
+        self._drop_control()
         if client is None:
             return
         lost = client._disconnected
@@ -675,36 +1057,57 @@ class MqttTransport(NetworkTransport):
         self._set_connected(True)
         log.warning("reconnected to %s after %d attempt(s)", self.url.endpoint(), attempt)
 
+    def _drop_control(self) -> None:
+        """Forget the adapter's own publishes of the connection that ends (see `_Outgoing`)."""
+        for mid, out in list(self._inflight.items()):
+            if out.control:
+                del self._inflight[mid]
+                if out.future is not None:
+                    out.future.cancel()
+        if any(out.control for out in self._waiting):
+            for out in self._waiting:
+                if out.control and out.future is not None:
+                    out.future.cancel()
+            self._waiting = deque(out for out in self._waiting if not out.control)
+
     def _requeue_inflight(self) -> None:
-        """Put what the broker never acknowledged back in front of the offline buffer."""
-        if self._inflight:
-            pending = [self._inflight[mid] for mid in sorted(self._inflight)]
+        """Put what the broker never acknowledged back in front of the offline buffer.
+
+        In sending order: the unacknowledged ones, then those that waited for the window.
+        """
+        self._drop_control()
+        if self._inflight or self._waiting:
+            pending = [*self._inflight.values(), *self._waiting]
             self._inflight.clear()
+            self._waiting.clear()
             self._offline.extendleft(reversed(pending))
             for out in pending:  # held in a buffer that survives the reconnect
                 out.settle()
         self._idle.clear() if self._offline else self._idle.set()
 
     def _resend_offline(self) -> None:
-        paho = self._paho
-        assert paho is not None
+        wire = self._wire
+        assert wire is not None
         while self._offline:
+            if not wire.alive:
+                return  # lost again: the rest waits for the next connection
             out = self._offline.popleft()
-            info = paho.publish(out.topic, out.data, out.qos, out.retain, out.props)
-            if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
-                self._offline.appendleft(out)
-                return
             if out.qos:
-                self._inflight[info.mid] = out
+                self._send_qos(wire, out, False)
+            else:
+                head = self._topic_head(out.topic)
+                wire.write(_publish_packet(head, out.data, 0, out.retain, out.props, 0), False)
         self._check_idle()
 
     def _fail_waiting(self, error: BaseException) -> None:
-        for out in list(self._inflight.values()) + list(self._offline):
+        self._drop_control()
+        for out in [*self._inflight.values(), *self._waiting, *self._offline]:
             out.settle(error)
         dropped = len(self._offline)
         if dropped:
             self.stats.drop(DropReason.DISCONNECTED, dropped)
         self._inflight.clear()
+        self._waiting.clear()
         self._offline.clear()
         self._idle.set()
 
@@ -720,7 +1123,7 @@ class MqttTransport(NetworkTransport):
             await asyncio.gather(supervisor, return_exceptions=True)
         resume = self._resume_task
         if resume is not None and not resume.done():  # read again: acks must come in
-            resume.cancel()
+            self._resume_now()
             await asyncio.gather(resume, return_exceptions=True)
         presence = self._opts.presence_topic
         if presence and self._connected and self._paho is not None:
@@ -737,7 +1140,7 @@ class MqttTransport(NetworkTransport):
         if held:  # never claimed: counted once, here (arrivals during the close included)
             self.stats.drop(DropReason.NO_SUBSCRIBER, len(held))
             held.clear()
-        if self._offline or self._inflight:
+        if self._offline or self._inflight or self._waiting:
             self._fail_waiting(BusClosed("the MQTT transport was closed"))
         for fut in self._barriers.values():
             if not fut.done():
@@ -745,12 +1148,35 @@ class MqttTransport(NetworkTransport):
 
     # -- publishing ----------------------------------------------------------------------------
 
-    def _props(self, headers: Mapping[str, str] | None) -> Properties | None:
-        if not headers or not self._v5:
-            return None
+    def _props(self, headers: Mapping[str, str]) -> bytes:
+        """The encoded PUBLISH property block carrying ``headers`` (MQTT 5 user properties)."""
+        if not self._v5:
+            return b""
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.UserProperty = list(headers.items())
-        return props
+        packed: bytes = props.pack()  # type: ignore[no-untyped-call]
+        return packed
+
+    def _topic_head(self, topic: str) -> bytes:
+        """``topic`` as a PUBLISH carries it (length-prefixed UTF-8), checked once and cached.
+
+        Raises:
+            ValueError: empty, a wildcard, or longer than MQTT allows.
+        """
+        head = self._heads.get(topic)
+        if head is not None:
+            return head
+        raw = topic.encode()
+        if not raw:
+            raise ValueError("Invalid topic.")
+        if b"+" in raw or b"#" in raw:
+            raise ValueError("Publish topic cannot contain wildcards.")
+        if len(raw) > 0xFFFF:
+            raise ValueError("Publish topic is too long.")
+        if len(self._heads) >= _TOPIC_CACHE:
+            self._heads.clear()
+        head = self._heads[topic] = len(raw).to_bytes(2, "big") + raw
+        return head
 
     async def publish(
         self,
@@ -767,39 +1193,127 @@ class MqttTransport(NetworkTransport):
             PublishError: the broker refused it, or the offline buffer is full.
             PayloadTooLarge: larger than MQTT allows.
         """
+        pending = self.publish_nowait(topic, data, qos, retain, headers)
+        if pending is not None:
+            await pending
+
+    def publish_nowait(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+    ) -> Awaitable[None] | None:
+        """`publish` without a coroutine (the bus's fast path).
+
+        Returns the future of a QoS>=1 publish (done on PUBACK/PUBCOMP, or once buffered when
+        the connection drops), an awaitable while paho's queue is over its high-water mark
+        (QoS 0), else None: the message is written or queued for the socket, or buffered.
+
+        Raises:
+            PublishError: the offline buffer is full.
+            PayloadTooLarge: larger than MQTT allows.
+        """
         if self._closed:
             raise BusClosed("the MQTT transport is closed")
-        props = self._props(headers) if headers else None
-        paho = self._paho
-        if self._connected and paho is not None:
-            info = paho.publish(topic, data, qos, retain, props)
-            rc = info.rc
-            if rc == paho_mqtt.MQTT_ERR_SUCCESS:
-                if qos:
-                    fut = asyncio.get_running_loop().create_future()
-                    self._inflight[info.mid] = _Outgoing(topic, data, qos, retain, props, fut)
-                    self._idle.clear()
-                    if self._paused:  # its PUBACK must be read (a handler may be waiting)
-                        self._resume_now()
-                    await fut
-                elif len(paho._out_packet) > _OUT_HIGH:
-                    await self._drain_socket(paho)
-                return
-            if rc == paho_mqtt.MQTT_ERR_PAYLOAD_SIZE:
-                raise PayloadTooLarge(
-                    f"message for {topic!r} is {len(data)} bytes; MQTT refuses it",
-                    size=len(data),
-                    limit=_MAX_PAYLOAD,
-                )
-            if rc not in (paho_mqtt.MQTT_ERR_NO_CONN, paho_mqtt.MQTT_ERR_CONN_LOST):
-                raise PublishError(
-                    f"publish to {topic!r} failed: {paho_mqtt.error_string(rc)}", topic=topic
-                )
+        head = self._heads.get(topic)
+        if head is None:
+            head = self._topic_head(topic)
+        props = self._props(headers) if headers else self._no_props
+        if len(data) > _MAX_PAYLOAD - 4 - len(head) - len(props):
+            raise PayloadTooLarge(
+                f"message for {topic!r} is {len(data)} bytes; MQTT refuses it",
+                size=len(data),
+                limit=_MAX_PAYLOAD,
+            )
+        wire = self._wire
+        if wire is not None and self._connected and wire.paho._sock is wire.sock:
+            if qos:
+                fut = asyncio.get_running_loop().create_future()
+                self._idle.clear()
+                self._send_qos(wire, _Outgoing(topic, data, qos, retain, props, fut), True)
+                if self._paused:  # its PUBACK must be read (a handler may be waiting)
+                    self._resume_now()
+                return fut
+            wire.write(_publish_packet(head, data, 0, retain, props, 0), False)
+            if len(wire.out) > _OUT_HIGH:
+                return self._drain_socket(wire.paho)
+            return None
         self._buffer(topic, data, qos, retain, props)
+        return None
 
-    def _buffer(
-        self, topic: str, data: bytes, qos: int, retain: bool, props: Properties | None
-    ) -> None:
+    def _send_qos(self, wire: _Wire, out: _Outgoing, now: bool) -> None:
+        """Give a QoS>=1 publish a packet identifier and send it, or queue it for the window.
+
+        ``now``: write it at once when nothing is queued before it (see `_Wire.write`).
+        """
+        inflight = self._inflight
+        limit = self._opts.max_inflight
+        if self._waiting or (limit > 0 and len(inflight) >= limit):
+            self._waiting.append(out)
+            return
+        paho = wire.paho
+        mid = paho._mid_generate()
+        while mid in inflight:  # only after 65,535 publishes with one still unacknowledged
+            mid = paho._mid_generate()
+        inflight[mid] = out
+        head = self._heads.get(out.topic) or self._topic_head(out.topic)
+        wire.write(_publish_packet(head, out.data, out.qos, out.retain, out.props, mid), now)
+
+    def _acked(self, wire: _Wire, mid: int, out: _Outgoing, kind: int, reason: int) -> bool:
+        """Handle the PUBACK, PUBREC or PUBCOMP of our publish ``mid``; False: not for it."""
+        if kind == _PUBACK:
+            if out.qos != 1:
+                return False
+        elif out.qos != 2:
+            return False
+        elif kind == _PUBREC and reason < 0x80:
+            wire.write(bytes((_PUBREL | 2, 2, mid >> 8, mid & 0xFF)), False)
+            return True  # done at PUBCOMP
+        inflight = self._inflight
+        del inflight[mid]
+        if out.control:
+            fut = out.future
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif reason >= 0x80:
+            try:
+                code = str(ReasonCode(kind >> 4, identifier=reason))  # PUBACK 4, PUBREC 5, ...
+            except KeyError:  # not a code MQTT defines for this packet
+                code = f"reason code 0x{reason:02x}"
+            out.settle(
+                PublishError(
+                    f"broker refused the message for {out.topic!r}: {code}", topic=out.topic
+                )
+            )
+        else:
+            if reason == _NO_MATCHING_SUBSCRIBERS and not out.retain:
+                # Accepted, but the broker says nobody subscribes: count it (QoS >= 1).
+                self.stats.drop(DropReason.NO_SUBSCRIBER)
+            out.settle()
+        if self._waiting:
+            self._release(wire)
+        elif not inflight:
+            self._check_idle()
+        return True
+
+    def _release(self, wire: _Wire) -> None:
+        """Send what waited for room in the in-flight window, in order, as far as it fits."""
+        waiting = self._waiting
+        inflight = self._inflight
+        limit = self._opts.max_inflight
+        paho = wire.paho
+        while waiting and (limit <= 0 or len(inflight) < limit):
+            out = waiting.popleft()
+            mid = paho._mid_generate()
+            while mid in inflight:
+                mid = paho._mid_generate()
+            inflight[mid] = out
+            head = self._heads.get(out.topic) or self._topic_head(out.topic)
+            wire.write(_publish_packet(head, out.data, out.qos, out.retain, out.props, mid), False)
+
+    def _buffer(self, topic: str, data: bytes, qos: int, retain: bool, props: bytes) -> None:
         if not self._opts.reconnect:  # the bus counts it as 'disconnected'
             raise ConnectionLost(
                 f"not connected to {self.url.endpoint()} and reconnect is off",
@@ -832,38 +1346,8 @@ class MqttTransport(NetworkTransport):
         except TimeoutError:
             log.warning("%s did not accept our data for %.1fs", self.url.endpoint(), timeout)
 
-    def _on_publish(
-        self,
-        client: paho_mqtt.Client,
-        userdata: Any,
-        mid: int,
-        reason_code: ReasonCode,
-        properties: Properties,
-    ) -> None:
-        control = self._control.get(mid)
-        if control is not None:
-            if not control.done():
-                control.set_result(None)
-            return
-        out = self._inflight.pop(mid, None)
-        if out is not None:
-            if reason_code.is_failure:
-                out.settle(
-                    PublishError(
-                        f"broker refused the message for {out.topic!r}: {reason_code}",
-                        topic=out.topic,
-                    )
-                )
-            else:
-                if reason_code.value == _NO_MATCHING_SUBSCRIBERS and not out.retain:
-                    # Accepted, but the broker says nobody subscribes: count it (QoS >= 1).
-                    self.stats.drop(DropReason.NO_SUBSCRIBER)
-                out.settle()
-            if not self._inflight:
-                self._check_idle()
-
     def _check_idle(self) -> None:
-        if not self._inflight and not self._offline:
+        if not self._inflight and not self._waiting and not self._offline:
             self._idle.set()
 
     async def flush(self, timeout: float) -> None:
@@ -896,17 +1380,9 @@ class MqttTransport(NetworkTransport):
     # -- receiving -----------------------------------------------------------------------------
 
     def _on_message(
-        self, client: paho_mqtt.Client, userdata: Any, msg: paho_mqtt.MQTTMessage
+        self, client: paho_mqtt.Client, wire: _Wire, msg: paho_mqtt.MQTTMessage
     ) -> None:
-        topic = msg.topic
-        if topic.startswith(RESERVED_PREFIX):
-            if msg.qos:
-                client.ack(msg.mid, msg.qos)
-            if topic == self._barrier_topic:
-                fut = self._barriers.pop(bytes(msg.payload), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-            return
+        """A PUBLISH paho decoded (QoS 2, or one `_parse_publish` leaves to paho)."""
         headers: dict[str, str] | None = None
         ids: list[int] | None = None
         if self._v5:
@@ -916,13 +1392,43 @@ class MqttTransport(NetworkTransport):
                 if user:
                     headers = dict(user)
                 ids = getattr(props, "SubscriptionIdentifier", None)
-        if msg.dup:
-            self.stats.duplicates += 1  # a redelivery: the broker never saw our PUBACK
-        retained = bool(msg.retain)
-        ack = _Ack(self, client, msg.mid, msg.qos) if msg.qos else None
-        message = Message(
-            topic, bytes(msg.payload), headers, retained=retained, qos=msg.qos, ack=ack
+        self._received(
+            wire,
+            msg.topic,
+            bytes(msg.payload),
+            msg.qos,
+            msg.mid,
+            bool(msg.dup),
+            bool(msg.retain),
+            headers,
+            ids,
         )
+
+    def _received(
+        self,
+        wire: _Wire,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        mid: int,
+        dup: bool,
+        retained: bool,
+        headers: dict[str, str] | None,
+        ids: list[int] | None,
+    ) -> None:
+        """Route one received message to the subscriptions it is for (acked after them)."""
+        if topic.startswith(RESERVED_PREFIX):
+            if qos:
+                wire.ack(mid, qos)
+            if topic == self._barrier_topic:
+                fut = self._barriers.pop(payload, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            return
+        if dup:
+            self.stats.duplicates += 1  # a redelivery: the broker never saw our PUBACK
+        ack = _Ack(wire, mid, qos) if qos else None
+        message = Message(topic, payload, headers, retained=retained, qos=qos, ack=ack)
         delivered = 0
         if ids:
             for sub_id in ids:
@@ -1053,40 +1559,50 @@ class MqttTransport(NetworkTransport):
         if full:
             self._full.append(sink)  # reading pauses until the handler made room
 
-    def _pause_reading(self, paho: paho_mqtt.Client) -> None:
+    def _pause_reading(self, wire: _Wire) -> None:
         """Stop reading from the broker until every full subscription has room again.
 
         Not while one of our QoS>=1 publishes waits for its acknowledgement: that ack comes on
         this socket, and the publisher may be the very handler the full subscription waits on.
         """
-        sock = paho.socket()
-        if sock is None or self._paused or self._inflight:
+        if not wire.alive or self._paused or self._inflight:
             self._full.clear()
             return
         loop = asyncio.get_running_loop()
-        loop.remove_reader(sock.fileno())
+        loop.remove_reader(wire.sock.fileno())
         self._paused = True
+        self._paused_wire = wire
         full, self._full = self._full, []
         self._resume_task = loop.create_task(
-            self._resume_reading(paho, sock, full), name="cascade_bus.mqtt.resume"
+            self._resume_reading(wire, full), name="cascade_bus.mqtt.resume"
         )
 
     def _resume_now(self) -> None:
+        """Read again at once (one of our publishes waits for its acknowledgement)."""
         task = self._resume_task
         if task is not None and not task.done():
-            task.cancel()  # its finally re-adds the reader
+            task.cancel()  # one that has not started yet never runs its finally
+        if self._paused_wire is not None:
+            self._unpause(self._paused_wire)
 
-    async def _resume_reading(
-        self, paho: paho_mqtt.Client, sock: Any, full: list[MessageSink]
-    ) -> None:
+    async def _resume_reading(self, wire: _Wire, full: list[MessageSink]) -> None:
         try:
             for sink in full:
                 await sink.ready()  # bounded by the bus's flow_timeout
         finally:
-            self._paused = False
-            current = paho.socket()
-            if current is not None and current is sock and self._readable is not None:
-                asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+            self._unpause(wire)
+
+    def _unpause(self, wire: _Wire) -> None:
+        """Read ``wire`` again, unless reading is not paused on it (a newer connection's)."""
+        if not self._paused or wire is not self._paused_wire:
+            return
+        self._paused = False
+        self._paused_wire = None
+        if wire.alive:
+            loop = asyncio.get_running_loop()
+            loop.add_reader(wire.sock.fileno(), wire.readable)
+            if wire.buf:  # packets read before the pause come first
+                loop.call_soon(wire.resume)
 
     def _deliver(self, entry: _Entry, message: Message, retained: bool) -> int:
         """Hand a message to an entry's sinks; return how many took it (each will ack once)."""
@@ -1134,16 +1650,20 @@ class MqttTransport(NetworkTransport):
 
     async def _barrier(self, qos: int) -> None:
         """Publish a token to our own barrier topic and wait for it to come back."""
-        paho = self._paho
-        if paho is None:
-            raise ConnectionLost(f"not connected to {self.url.endpoint()}")
+        wire = self._wire
+        if wire is None or not wire.alive:
+            raise ConnectionLost(f"lost {self.url.endpoint()} before a barrier")
         token = str(next(self._barrier_ids)).encode()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._barriers[token] = fut
         try:
-            info = paho.publish(self._barrier_topic, token, min(max(qos, 0), 1))
-            if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
-                raise ConnectionLost(f"lost {self.url.endpoint()} before a barrier")
+            topic = self._barrier_topic
+            if qos:  # its PUBACK counts in the in-flight window like any other
+                out = _Outgoing(topic, token, 1, False, self._no_props, None, True)
+                self._send_qos(wire, out, True)
+            else:
+                head = self._topic_head(topic)
+                wire.write(_publish_packet(head, token, 0, False, self._no_props, 0), False)
             await self._until_lost(fut, "waiting for a barrier")
         finally:
             self._barriers.pop(token, None)
