@@ -16,6 +16,7 @@ from typing import Any, Self, TypeVar, overload
 from . import _envelope
 from ._codec import Codec, WireFormat, check_format, decoder_for
 from ._codec import now_utc as _now
+from ._deadlines import Deadlines
 from ._envelope import DEFAULT_TYPE, Envelope, new_id
 from ._errors import (
     BusClosed,
@@ -155,6 +156,7 @@ class Bus:
         self._publish_timeout = parse_float(
             "publish_timeout", bus_options.get("publish_timeout", 30.0)
         )
+        self._deadlines = Deadlines(self._publish_timeout)
         self._subscribe_timeout = parse_float(
             "subscribe_timeout", bus_options.get("subscribe_timeout", 10.0)
         )
@@ -531,7 +533,10 @@ class Bus:
         """
         self._inflight += 1
         try:
-            if qos:
+            if qos and isinstance(pending, asyncio.Future):
+                self._deadlines.watch(pending)  # one timer for all: no timeout per publish
+                await pending
+            elif qos:
                 async with asyncio.timeout(self._publish_timeout):
                     await pending
             else:
