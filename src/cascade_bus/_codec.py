@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import lru_cache, partial
 from typing import Any, Literal, TypeAlias
@@ -216,7 +216,15 @@ class EnvelopeDecoder:
     Instances are cached per type (see `decoder_for`); msgspec decoders are reused.
     """
 
-    __slots__ = ("_json", "_json_payload", "_msgpack", "_msgpack_payload", "_type", "_untyped")
+    __slots__ = (
+        "_json",
+        "_json_payload",
+        "_msgpack",
+        "_msgpack_payload",
+        "_type",
+        "_untyped",
+        "untyped_json",
+    )
 
     def __init__(self, tp: Any = Any) -> None:
         self._type = tp
@@ -225,6 +233,11 @@ class EnvelopeDecoder:
         self._msgpack = msgspec.msgpack.Decoder(Envelope[tp])
         self._json_payload = msgspec.json.Decoder(tp)
         self._msgpack_payload = msgspec.msgpack.Decoder(tp)
+        # For an untyped subscription, `decode_local` of a JSON payload is just this decode
+        # (plus the envelope copy): hot loops may inline it.
+        self.untyped_json: Callable[[bytes], Any] | None = (
+            self._json_payload.decode if self._untyped else None
+        )
 
     def decode_local(self, local: tuple[Envelope[Any], bytes | None, bool]) -> Envelope[Any]:
         """This subscription's own copy of an envelope published in this process.

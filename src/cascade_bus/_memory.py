@@ -38,13 +38,15 @@ class _Member:
 class _Route:
     """The subscriptions one concrete topic reaches: plain ones and queue groups."""
 
-    __slots__ = ("groups", "plain")
+    __slots__ = ("delivers", "groups", "plain")
 
     def __init__(
         self, plain: list[_Member], groups: list[tuple[list[_Member], itertools.count[int]]]
     ) -> None:
         self.plain = plain
         self.groups = groups
+        # The plain members' bound `deliver` methods, looked up once per route, not per message.
+        self.delivers = [member.sink.deliver for member in plain]
 
 
 class MemoryBroker:
@@ -209,9 +211,9 @@ class MemoryTransport(Transport):
             Message(topic, data, headers) if not qos else Message(topic, data, headers, qos=qos)
         )
         full: list[MessageSink] | None = None
-        for member in route.plain:
-            if not member.sink.deliver(message):
-                (full := full or []).append(member.sink)
+        for deliver in route.delivers:
+            if not deliver(message):
+                (full := full or []).append(deliver.__self__)  # type: ignore[attr-defined]
         for members, counter in route.groups:
             sink = members[next(counter) % len(members)].sink
             if not sink.deliver(message):
@@ -239,9 +241,9 @@ class MemoryTransport(Transport):
         message = Message(topic, b"", None, qos=qos)
         message.local = local
         full: list[MessageSink] | None = None
-        for member in route.plain:
-            if not member.sink.deliver(message):
-                (full := full or []).append(member.sink)
+        for deliver in route.delivers:
+            if not deliver(message):
+                (full := full or []).append(deliver.__self__)  # type: ignore[attr-defined]
         for members, counter in route.groups:
             sink = members[next(counter) % len(members)].sink
             if not sink.deliver(message):

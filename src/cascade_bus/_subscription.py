@@ -132,6 +132,7 @@ class Subscription(Generic[T]):
         )
         self._decode = decoder.decode
         self._decode_local = decoder.decode_local
+        self._json_copy = decoder.untyped_json
         self._policy = policy
         self._buf: deque[Message] = deque()
         self._limit = policy.buffer_size
@@ -281,6 +282,9 @@ class Subscription(Generic[T]):
         assert invoke is not None
         decode = self._decode
         decode_local = self._decode_local
+        # Untyped JSON from a bus in this process, the common case: `decode_local` inlined.
+        json_copy = self._json_copy
+        replace = msgspec.structs.replace
         stats = self._stats
         report = self._bus._report
         sem = self._sem
@@ -299,6 +303,12 @@ class Subscription(Generic[T]):
                 local = message.local
                 if local is None:
                     env = decode(message.topic, message.data, message.headers)
+                elif json_copy is not None and local[1] is not None and not local[2]:
+                    env = local[0]
+                    headers = env.headers
+                    env = replace(
+                        env, payload=json_copy(local[1]), headers=dict(headers) if headers else {}
+                    )
                 else:
                     env = decode_local(local)
             except Exception as exc:  # a bad message must never stop the subscription
