@@ -1,39 +1,69 @@
-"""Redis: cascade-bus against bare redis-py (and broadcaster) on the same server, in one run.
+"""Redis: cascade-bus against bare redis-py on the same server, interleaved in rounds, in one run.
 
 Not a test: run it and read the table.
 
     .venv/bin/python bench/bench_redis.py [--url redis://127.0.0.1:6379] [--messages N]
-        [--repeat R] [--pings P]
+        [--rounds R] [--pings P] [--routes K] [--cases a,b,...]
 
-Throughput (messages/s, median of R runs; each case has one publisher and one subscriber on their
-own connections in this process; the clock runs from the first publish until the subscriber has
-all N messages; "publish" is the rate at which the publisher's loop got through them):
+Every case moves the same N messages (the round-trip-bound awaited loop: N/4) from one publisher
+to one subscriber, each on its own connection(s) in this process, and its clock runs from the
+first publish until the subscriber has *received and decoded* all N (the count is checked
+exactly; a case that gets fewer times out and the run fails). The body is the same JSON payload
+(~100 B) for every redis-py case and for ``cascade-bus ... (raw)``; the default ``json`` format
+wraps it in the CloudEvents envelope (the "body" column says how big each case's bodies are on
+the wire).
 
-- ``redis-py awaited``: ``await r.publish(channel, json)`` per message; the subscriber iterates
-  ``PubSub.listen()`` and decodes each body.
-- ``redis-py pipelined``: the same PUBLISHes in ``pipeline(transaction=False)`` batches of 1,000.
-- ``cascade-bus awaited``: the naive loop ``await bus.publish(topic, payload)`` (QoS 0, default
-  JSON envelope; and ``format=raw``); the subscriber is a bus handler.
-- ``redis-py streams``: pipelined XADD (batches of 1,000), consumer XREADGROUP (COUNT 500) +
-  XACK per batch.
-- ``cascade-bus QoS 1``: ``bus.publish(..., qos=1)`` in gathered batches of 1,000 (each publish
+Every bus of the run gets a key ``prefix`` of its own (removed at the end) with K leased stream
+routes of other subscriptions in it (``--routes``, none matching the bench's topics): the
+publish script reads the prefix's routes, so a shared server's leftovers (a test suite's durable
+queue groups live for ``stream_ttl``) would otherwise change the bus's cost from run to run.
+
+The cases run in R rounds; each round runs every case once, in an order that rotates from round
+to round, so that a burst of load from other jobs on the (shared, 2-core) machine hits all cases
+alike. Per case the table gives the median and the min-max over the rounds of:
+
+- end-to-end rate (messages/s) and the publisher loop's own rate;
+- client CPU per message (``time.process_time`` of this process, publisher + subscriber);
+- server CPU per message (``used_cpu_user + used_cpu_sys`` of the Redis server, from ``INFO``)
+  and the command time Redis accounted per message (``INFO commandstats``, the main commands
+  listed with their ``usec_per_call``).
+
+The ratios against redis-py are computed per round (each case against the baseline measured in
+the same round) and then summarised the same way. CPU per message is the steadier figure on a
+loaded machine; the rates are what the targets are stated in.
+
+- ``redis-py awaited PUBLISH``: ``await r.publish(channel, body)`` per message; the subscriber
+  iterates ``PubSub.listen()`` and decodes each body (msgspec).
+- ``redis-py pipelined PUBLISH``: the same PUBLISHes in ``pipeline(transaction=False)`` batches
+  of 1,000.
+- ``cascade-bus awaited publish``: the naive loop ``await bus.publish(topic, payload)`` (QoS 0),
+  default JSON envelope and ``format=raw``; the subscriber is a bus handler.
+- ``redis-py streams XADD+XREADGROUP``: pipelined XADD (batches of 1,000), consumer XREADGROUP
+  (COUNT 500) + XACK per batch.
+- ``cascade-bus QoS 1 (streams)``: ``bus.publish(..., qos=1)`` gathered in batches of 1,000 (each
   returns when Redis replied), a QoS 1 subscription (stream, XACK after the handler).
 
 broadcaster 0.3.1 was tried (its Redis backend wraps redis-py's PubSub) and delivered nothing with
 redis-py 8.1 in a minimal publish/subscribe script, so it has no row; FastStream was not tried.
 
-Latency: P ping-pongs of one message, publish -> subscriber callback, p50/p99 in microseconds,
-bare redis-py (``publish`` + ``PubSub.listen``) against cascade-bus (``publish`` + handler).
+Latency: P ping-pongs of one message per round and side, alternating ping by ping (so that load
+from other jobs hits both sides alike), publish -> subscriber callback; p50/p99 in
+microseconds, bare redis-py (``publish`` + ``PubSub.listen``) against cascade-bus (``publish``
++ handler); "added p50" is the per-round difference.
+
+A target line says PASS only if every round met it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -42,11 +72,46 @@ import redis.asyncio as aredis
 import cascade_bus
 from cascade_bus import Envelope
 
-Case = Callable[[str, int], Awaitable[tuple[float, float]]]
+#: Options of every bus in the run: its own key ``prefix`` (set in `main`), so that the stream
+#: routes the publish script reads are only the ones this run registers (``--routes``).
+BUS_OPTIONS: dict[str, Any] = {}
+
+#: Commands whose server time the table breaks down (INFO commandstats names).
+SERVER_COMMANDS = ("evalsha", "publish", "xadd", "xreadgroup", "xack")
 
 
 def payload(i: int) -> dict[str, Any]:
     return {"sensor": "t1", "value": 21.5, "seq": i, "pad": "x" * 48}
+
+
+@dataclass
+class Run:
+    """What one case measured in one round."""
+
+    n: int
+    wall: float  # first publish -> subscriber had all n
+    publish_wall: float  # first publish -> publisher loop done
+    cpu: float  # process CPU seconds over `wall`
+
+
+@dataclass
+class Server:
+    """Redis's own accounting, read before and after a case."""
+
+    cpu: float
+    stats: dict[str, tuple[int, int]]  # command -> (calls, usec)
+
+
+@dataclass
+class Sample:
+    """One case in one round, client and server side."""
+
+    run: Run
+    server_cpu: float
+    server_usec: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+Case = Callable[[str, int], Awaitable[Run]]
 
 
 async def _await_done(done: asyncio.Event, timeout: float = 120.0) -> None:
@@ -54,14 +119,34 @@ async def _await_done(done: asyncio.Event, timeout: float = 120.0) -> None:
         await done.wait()
 
 
-async def _raw_subscriber(url: str, channel: str, n: int) -> tuple[asyncio.Task[None], Any]:
-    client = aredis.Redis.from_url(url, protocol=2)
-    pubsub = client.pubsub()
+class _Clock:
+    """Wall and process-CPU time from the first publish."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.c0 = time.process_time()
+        self.t_pub = 0.0
+
+    def published(self) -> None:
+        self.t_pub = time.perf_counter() - self.t0
+
+    def done(self, n: int) -> Run:
+        return Run(n, time.perf_counter() - self.t0, self.t_pub, time.process_time() - self.c0)
+
+
+# -- throughput cases ---------------------------------------------------------------------------
+
+
+async def raw_case(url: str, n: int, *, batch: int) -> Run:
+    channel = f"bench/{uuid.uuid4().hex}"
+    sub_client = aredis.Redis.from_url(url, protocol=2)
+    pubsub = sub_client.pubsub()
     await pubsub.subscribe(channel)
     done = asyncio.Event()
+    got = 0
 
     async def listen() -> None:
-        got = 0
+        nonlocal got
         async for message in pubsub.listen():
             if message["type"] == "message":
                 msgspec.json.decode(message["data"])
@@ -71,15 +156,10 @@ async def _raw_subscriber(url: str, channel: str, n: int) -> tuple[asyncio.Task[
                     return
 
     task = asyncio.create_task(listen())
-    return task, (client, pubsub, done)
-
-
-async def raw_case(url: str, n: int, *, batch: int) -> tuple[float, float]:
-    channel = f"bench/{uuid.uuid4().hex}"
-    task, (client_sub, pubsub, done) = await _raw_subscriber(url, channel, n)
     client = aredis.Redis.from_url(url, protocol=2)
+    await client.ping()
     encode = msgspec.json.encode
-    t0 = time.perf_counter()
+    clock = _Clock()
     if batch <= 1:
         for i in range(n):
             await client.publish(channel, encode(payload(i)))
@@ -89,25 +169,26 @@ async def raw_case(url: str, n: int, *, batch: int) -> tuple[float, float]:
             for i in range(start, min(n, start + batch)):
                 pipe.publish(channel, encode(payload(i)))
             await pipe.execute()
-    t_pub = time.perf_counter() - t0
+    clock.published()
     await _await_done(done)
-    t_all = time.perf_counter() - t0
+    run = clock.done(n)
     await task
-    await pubsub.aclose()
-    await client_sub.aclose()
+    assert got == n, (got, n)
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await sub_client.aclose()
     await client.aclose()
-    return n / t_all, n / t_pub
+    return run
 
 
-async def raw_awaited(url: str, n: int) -> tuple[float, float]:
+async def raw_awaited(url: str, n: int) -> Run:
     return await raw_case(url, n, batch=1)
 
 
-async def raw_pipelined(url: str, n: int) -> tuple[float, float]:
+async def raw_pipelined(url: str, n: int) -> Run:
     return await raw_case(url, n, batch=1000)
 
 
-async def bus_case(url: str, n: int, *, qos: int = 0, fmt: str = "json") -> tuple[float, float]:
+async def bus_case(url: str, n: int, *, qos: int = 0, fmt: str = "json") -> Run:
     topic = f"bench/{uuid.uuid4().hex}"
     done = asyncio.Event()
     got = 0
@@ -119,11 +200,11 @@ async def bus_case(url: str, n: int, *, qos: int = 0, fmt: str = "json") -> tupl
             done.set()
 
     async with (
-        cascade_bus.connect(url, format=fmt) as subscriber,
-        cascade_bus.connect(url, format=fmt) as publisher,
+        cascade_bus.connect(url, format=fmt, **BUS_OPTIONS) as subscriber,
+        cascade_bus.connect(url, format=fmt, **BUS_OPTIONS) as publisher,
     ):
         await subscriber.subscribe(topic, handler, qos=qos)
-        t0 = time.perf_counter()
+        clock = _Clock()
         if qos == 0:
             for i in range(n):
                 await publisher.publish(topic, payload(i))
@@ -135,33 +216,37 @@ async def bus_case(url: str, n: int, *, qos: int = 0, fmt: str = "json") -> tupl
                         for i in range(start, min(n, start + 1000))
                     )
                 )
-        t_pub = time.perf_counter() - t0
+        clock.published()
         await _await_done(done)
-        t_all = time.perf_counter() - t0
-    return n / t_all, n / t_pub
+        run = clock.done(n)
+        dropped = sum(publisher.stats().dropped.values())
+    assert got == n, (got, n)
+    assert not dropped, dropped
+    return run
 
 
-async def bus_awaited(url: str, n: int) -> tuple[float, float]:
+async def bus_awaited(url: str, n: int) -> Run:
     return await bus_case(url, n)
 
 
-async def bus_awaited_raw(url: str, n: int) -> tuple[float, float]:
+async def bus_awaited_raw(url: str, n: int) -> Run:
     return await bus_case(url, n, fmt="raw")
 
 
-async def bus_qos1(url: str, n: int) -> tuple[float, float]:
+async def bus_qos1(url: str, n: int) -> Run:
     return await bus_case(url, n, qos=1)
 
 
-async def raw_streams(url: str, n: int) -> tuple[float, float]:
+async def raw_streams(url: str, n: int) -> Run:
     key = f"bench:{uuid.uuid4().hex}"
     producer = aredis.Redis.from_url(url, protocol=2)
     consumer = aredis.Redis.from_url(url, protocol=2)
     await consumer.xgroup_create(key, "g", id="0", mkstream=True)
     done = asyncio.Event()
+    got = 0
 
     async def consume() -> None:
-        got = 0
+        nonlocal got
         while got < n:
             reply: Any = await consumer.xreadgroup("g", "c", {key: ">"}, count=500, block=5000)
             if not reply:
@@ -174,27 +259,96 @@ async def raw_streams(url: str, n: int) -> tuple[float, float]:
         done.set()
 
     task = asyncio.create_task(consume())
+    await producer.ping()
     encode = msgspec.json.encode
-    t0 = time.perf_counter()
+    clock = _Clock()
     for start in range(0, n, 1000):
         pipe = producer.pipeline(transaction=False)
         for i in range(start, min(n, start + 1000)):
             pipe.xadd(key, {"t": "bench", "d": encode(payload(i))})
         await pipe.execute()
-    t_pub = time.perf_counter() - t0
+    clock.published()
     await _await_done(done)
-    t_all = time.perf_counter() - t0
+    run = clock.done(n)
     await task
+    assert got == n, (got, n)
     await producer.delete(key)
     await producer.aclose()
     await consumer.aclose()
-    return n / t_all, n / t_pub
+    return run
+
+
+# -- what each case puts on the wire ----------------------------------------------------------
+
+
+async def body_sizes(url: str) -> dict[str, int]:
+    """The body length one publish of ``payload(0)`` puts on the channel, per format."""
+    sizes = {"redis-py": len(msgspec.json.encode(payload(0)))}
+    for fmt in ("json", "raw"):
+        topic = f"bench/{uuid.uuid4().hex}"
+        client = aredis.Redis.from_url(url, protocol=2)
+        pubsub = client.pubsub()
+        await pubsub.subscribe(topic)
+        async with cascade_bus.connect(url, format=fmt, **BUS_OPTIONS) as bus:
+            await bus.publish(topic, payload(0))
+            async with asyncio.timeout(10):
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message["type"] == "message":
+                        sizes[fmt] = len(message["data"])
+                        break
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await client.aclose()
+    return sizes
+
+
+# -- server accounting ----------------------------------------------------------------------------
+
+
+async def add_routes(control: aredis.Redis, prefix: str, count: int) -> None:
+    """Lease ``count`` stream routes no bench topic matches (half exact, half wildcard), as
+    QoS 1 and queue subscriptions of other applications in the same ``prefix`` would be."""
+    expiry = int(time.time() * 1000) + 3_600_000
+    for i in range(count):
+        pattern = f"other/{i:04d}/events" if i % 2 else f"other/{i:04d}/+/jobs"
+        await control.hset(f"{prefix}routes", f"{prefix}q:w/{pattern}", f"{expiry} {pattern}")
+
+
+async def remove_keys(control: aredis.Redis, prefix: str) -> None:
+    async for key in control.scan_iter(match=f"{prefix}*", count=1000):
+        await control.delete(key)
+
+
+async def server_state(control: aredis.Redis) -> Server:
+    cpu: Any = await control.info("cpu")
+    stats: Any = await control.info("commandstats")
+    out: dict[str, tuple[int, int]] = {}
+    for key, value in stats.items():
+        name = key.removeprefix("cmdstat_")
+        if name in SERVER_COMMANDS:
+            out[name] = (int(value["calls"]), int(value["usec"]))
+    return Server(float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]), out)
+
+
+async def measure(control: aredis.Redis, case: Case, url: str, n: int) -> Sample:
+    gc.collect()
+    before = await server_state(control)
+    run = await case(url, n)
+    after = await server_state(control)
+    usec = {}
+    for name, (calls, spent) in after.stats.items():
+        calls0, spent0 = before.stats.get(name, (0, 0))
+        if calls - calls0 > 0:
+            usec[name] = (calls - calls0, spent - spent0)
+    return Sample(run, after.cpu - before.cpu, usec)
 
 
 # -- latency ------------------------------------------------------------------------------------
 
 
-async def raw_latency(url: str, pings: int) -> list[float]:
+async def latency(url: str, pings: int) -> tuple[list[float], list[float]]:
+    """``pings`` ping-pongs each through bare redis-py and through the bus, alternating one by
+    one (so that load from other jobs hits both sides alike); microseconds."""
     channel = f"bench/{uuid.uuid4().hex}"
     client = aredis.Redis.from_url(url, protocol=2)
     sub_client = aredis.Redis.from_url(url, protocol=2)
@@ -202,52 +356,51 @@ async def raw_latency(url: str, pings: int) -> list[float]:
     await pubsub.subscribe(channel)
     arrived: asyncio.Future[float] | None = None
 
+    def land() -> None:
+        if arrived is not None and not arrived.done():
+            arrived.set_result(time.perf_counter())
+
     async def listen() -> None:
         async for message in pubsub.listen():
             if message["type"] == "message":
                 msgspec.json.decode(message["data"])
-                if arrived is not None and not arrived.done():
-                    arrived.set_result(time.perf_counter())
+                land()
+
+    def handler(env: Envelope[Any]) -> None:
+        land()
 
     task = asyncio.create_task(listen())
-    samples: list[float] = []
+    raw: list[float] = []
+    bus: list[float] = []
     encode = msgspec.json.encode
     loop = asyncio.get_running_loop()
-    for i in range(pings + 50):
-        arrived = loop.create_future()
-        t0 = time.perf_counter()
-        await client.publish(channel, encode(payload(i)))
-        t1 = await arrived
-        if i >= 50:
-            samples.append((t1 - t0) * 1e6)
+    topic = f"bench/{uuid.uuid4().hex}"
+    async with (
+        cascade_bus.connect(url, **BUS_OPTIONS) as subscriber,
+        cascade_bus.connect(url, **BUS_OPTIONS) as publisher,
+    ):
+        await subscriber.subscribe(topic, handler)
+        for i in range(pings + 50):
+            for side in (raw, bus) if i % 2 else (bus, raw):
+                arrived = loop.create_future()
+                t0 = time.perf_counter()
+                if side is raw:
+                    await client.publish(channel, encode(payload(i)))
+                else:
+                    await publisher.publish(topic, payload(i))
+                async with asyncio.timeout(10):
+                    t1 = await arrived
+                if i >= 50:
+                    side.append((t1 - t0) * 1e6)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await pubsub.aclose()  # type: ignore[no-untyped-call]
     await sub_client.aclose()
     await client.aclose()
-    return samples
+    return raw, bus
 
 
-async def bus_latency(url: str, pings: int) -> list[float]:
-    topic = f"bench/{uuid.uuid4().hex}"
-    arrived: asyncio.Future[float] | None = None
-
-    def handler(env: Envelope[Any]) -> None:
-        if arrived is not None and not arrived.done():
-            arrived.set_result(time.perf_counter())
-
-    samples: list[float] = []
-    loop = asyncio.get_running_loop()
-    async with cascade_bus.connect(url) as subscriber, cascade_bus.connect(url) as publisher:
-        await subscriber.subscribe(topic, handler)
-        for i in range(pings + 50):
-            arrived = loop.create_future()
-            t0 = time.perf_counter()
-            await publisher.publish(topic, payload(i))
-            t1 = await arrived
-            if i >= 50:
-                samples.append((t1 - t0) * 1e6)
-    return samples
+# -- report ---------------------------------------------------------------------------------------
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -255,64 +408,187 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def fmt_rate(rate: float) -> str:
-    return f"{rate / 1000:,.1f}k/s"
+def spread(values: list[float], fmt: Callable[[float], str]) -> str:
+    """``median (min-max)``."""
+    return f"{fmt(statistics.median(values))} ({fmt(min(values))}-{fmt(max(values))})"
+
+
+def k(rate: float) -> str:
+    return f"{rate / 1000:.1f}k"
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f}"
+
+
+def x(ratio: float) -> str:
+    return f"{ratio:.2f}"
+
+
+AWAITED = "redis-py awaited PUBLISH"
+PIPELINED = "redis-py pipelined PUBLISH"
+BUS_JSON = "cascade-bus awaited publish (json)"
+BUS_RAW = "cascade-bus awaited publish (raw)"
+CASES: dict[str, tuple[Case, str]] = {
+    AWAITED: (raw_awaited, "redis-py"),
+    PIPELINED: (raw_pipelined, "redis-py"),
+    BUS_JSON: (bus_awaited, "json"),
+    BUS_RAW: (bus_awaited_raw, "raw"),
+    "redis-py streams XADD+XREADGROUP": (raw_streams, "redis-py"),
+    "cascade-bus QoS 1 (streams)": (bus_qos1, "json"),
+}
+SHORT = {
+    AWAITED: "awaited",
+    PIPELINED: "pipelined",
+    BUS_JSON: "bus-json",
+    BUS_RAW: "bus-raw",
+    "redis-py streams XADD+XREADGROUP": "streams",
+    "cascade-bus QoS 1 (streams)": "bus-qos1",
+}
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--url", default="redis://127.0.0.1:6379")
     parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--pings", type=int, default=2_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pings", type=int, default=1_000)
+    parser.add_argument(
+        "--routes",
+        type=int,
+        default=0,
+        help="stream routes of other subscriptions in the bus's prefix (none match)",
+    )
+    parser.add_argument(
+        "--cases",
+        default=",".join(SHORT.values()),
+        help=f"comma-separated subset of: {', '.join(SHORT.values())} (empty: latency only)",
+    )
     args = parser.parse_args()
     n, url = args.messages, args.url
-    slow_n = max(1000, n // 4)  # the round-trip-bound loops get fewer messages
-    cases: list[tuple[str, Case, int]] = [
-        ("redis-py awaited PUBLISH", raw_awaited, slow_n),
-        ("redis-py pipelined PUBLISH", raw_pipelined, n),
-        ("cascade-bus awaited publish (json)", bus_awaited, n),
-        ("cascade-bus awaited publish (raw)", bus_awaited_raw, n),
-        ("redis-py streams XADD+XREADGROUP", raw_streams, n),
-        ("cascade-bus QoS 1 (streams)", bus_qos1, n),
-    ]
-    results: dict[str, tuple[float, float]] = {}
-    for name, case, count in cases:
-        await case(url, max(100, count // 10))  # warm-up
-        runs = [await case(url, count) for _ in range(args.repeat)]
-        results[name] = (
-            statistics.median(r[0] for r in runs),
-            statistics.median(r[1] for r in runs),
-        )
-    raw_lat = await raw_latency(url, args.pings)
-    bus_lat = await bus_latency(url, args.pings)
+    wanted = set(args.cases.split(","))
+    names = [name for name in CASES if SHORT[name] in wanted]
+    slow_n = max(1000, n // 4)  # the round-trip-bound loop gets fewer messages
+    counts = {name: slow_n if name == AWAITED else n for name in names}
 
-    awaited = results["redis-py awaited PUBLISH"][0]
-    pipelined = results["redis-py pipelined PUBLISH"][0]
-    bus = results["cascade-bus awaited publish (json)"][0]
-    width = max(len(name) for name in results) + 2
-    print(f"\nRedis {url}, {n:,} messages of ~100 B (round-trip-bound loops: {slow_n:,}),")
-    print(f"median of {args.repeat}; end-to-end = first publish until the subscriber had all\n")
-    print(f"{'case':<{width}}| {'end-to-end':>11} | {'publish':>11} | vs awaited | vs pipelined")
-    print("-" * width + "+-------------+-------------+------------+-------------")
-    for name, (e2e, pub) in results.items():
+    control = aredis.Redis.from_url(url, protocol=2)
+    prefix = f"bench{uuid.uuid4().hex[:12]}:"
+    BUS_OPTIONS["prefix"] = prefix
+    await add_routes(control, prefix, args.routes)
+    try:
+        await run(args, control, names, counts, slow_n)
+    finally:
+        await remove_keys(control, prefix)
+        await control.aclose()
+
+
+async def run(
+    args: argparse.Namespace,
+    control: aredis.Redis,
+    names: list[str],
+    counts: dict[str, int],
+    slow_n: int,
+) -> None:
+    n, url, rounds = args.messages, args.url, args.rounds
+    sizes = await body_sizes(url)
+    for name in names:  # warm-up: imports, script load, connection set-up
+        await CASES[name][0](url, max(200, counts[name] // 10))
+    samples: dict[str, list[Sample]] = {name: [] for name in names}
+    raw_lat: list[list[float]] = []
+    bus_lat: list[list[float]] = []
+    for r in range(rounds):
+        shift = r % max(1, len(names))
+        order = names[shift:] + names[:shift]
+        for name in order:
+            samples[name].append(await measure(control, CASES[name][0], url, counts[name]))
+        if args.pings:
+            a, b = await latency(url, args.pings)
+            raw_lat.append(a)
+            bus_lat.append(b)
+
+    import cascade_bus_redis
+
+    print(f"\nRedis {url}; adapter from {cascade_bus_redis.__file__}")
+    print(f"bus key prefix {BUS_OPTIONS['prefix']!r} with {args.routes} other stream route(s)")
+    print(
+        f"{n:,} messages per case (awaited redis-py loop: {slow_n:,}), {rounds} rounds "
+        "interleaved; median (min-max) over the rounds"
+    )
+    print("end-to-end = first publish until the subscriber had all; CPU per message\n")
+    width = max((len(name) for name in names), default=40) + 1
+    head = (
+        f"{'case':<{width}}|{'body B':>7} | {'end-to-end msg/s':>22} | {'publish loop msg/s':>22}"
+        f" | {'client CPU us/msg':>20} | {'server CPU us/msg':>20}"
+    )
+    print(head)
+    print("-" * len(head))
+    for name in names:
+        runs = samples[name]
         print(
-            f"{name:<{width}}| {fmt_rate(e2e):>11} | {fmt_rate(pub):>11} | "
-            f"{e2e / awaited:>9.2f}x | {e2e / pipelined:>11.2f}x"
+            f"{name:<{width}}|{sizes[CASES[name][1]]:>7} | "
+            f"{spread([s.run.n / s.run.wall for s in runs], k):>22} | "
+            f"{spread([s.run.n / s.run.publish_wall for s in runs], k):>22} | "
+            f"{spread([s.run.cpu / s.run.n for s in runs], us):>20} | "
+            f"{spread([s.server_cpu / s.run.n for s in runs], us):>20}"
         )
-    added = pct(bus_lat, 0.5) - pct(raw_lat, 0.5)
-    print("\nlatency (publish -> handler), microseconds:")
-    for label, samples in (
-        ("redis-py publish + PubSub.listen", raw_lat),
-        ("cascade-bus publish + handler", bus_lat),
-    ):
-        print(f"  {label:<33} p50 {pct(samples, 0.5):7.0f}  p99 {pct(samples, 0.99):7.0f}")
-    print("\ntargets:")
-    checks = [
-        (f">= 0.9x pipelined redis-py: {bus / pipelined:.2f}x", bus >= 0.9 * pipelined),
-        (f">= 4x the awaited loop: {bus / awaited:.2f}x", bus >= 4 * awaited),
-        (f"<= 30 us added p50: {added:+.0f} us", added <= 30),
-    ]
+
+    print("\nserver command time per message (INFO commandstats; usec_per_call in brackets):")
+    for name in names:
+        parts = []
+        for cmd in SERVER_COMMANDS:
+            calls = [s.server_usec.get(cmd, (0, 0)) for s in samples[name]]
+            total_calls = sum(c for c, _ in calls)
+            if not total_calls:
+                continue
+            per_msg = statistics.median(
+                u / s.run.n for (_, u), s in zip(calls, samples[name], strict=True)
+            )
+            per_call = sum(u for _, u in calls) / total_calls
+            calls_per_msg = total_calls / sum(s.run.n for s in samples[name])
+            parts.append(f"{cmd} {per_msg:.2f} ({per_call:.2f} x {calls_per_msg:.3g}/msg)")
+        print(f"  {name:<{width}} {'; '.join(parts)}")
+
+    def ratios(case: str, base: str, metric: Callable[[Sample], float]) -> list[float]:
+        return [metric(a) / metric(b) for a, b in zip(samples[case], samples[base], strict=True)]
+
+    def rate(s: Sample) -> float:
+        return s.run.n / s.run.wall
+
+    def cpu(s: Sample) -> float:
+        return s.run.cpu / s.run.n
+
+    print("\nper-round ratios, median (min-max):")
+    checks: list[tuple[str, bool]] = []
+    for bus in (BUS_JSON, BUS_RAW):
+        if bus not in samples:
+            continue
+        if PIPELINED in samples:
+            rr = ratios(bus, PIPELINED, rate)
+            cr = ratios(bus, PIPELINED, cpu)
+            print(
+                f"  {bus} / pipelined redis-py: rate {spread(rr, x)}x, "
+                f"client CPU per message {spread(cr, x)}x"
+            )
+            checks.append((f">= 0.9x pipelined redis-py ({bus}): {spread(rr, x)}x", min(rr) >= 0.9))
+        if AWAITED in samples:
+            ar = ratios(bus, AWAITED, rate)
+            print(f"  {bus} / awaited redis-py: rate {spread(ar, x)}x")
+            checks.append((f">= 4x the awaited loop ({bus}): {spread(ar, x)}x", min(ar) >= 4))
+    if raw_lat:
+        print("\nlatency (publish -> handler), microseconds, median (min-max) over the rounds:")
+        for label, runs_lat in (
+            ("redis-py publish + PubSub.listen", raw_lat),
+            ("cascade-bus publish + handler", bus_lat),
+        ):
+            p50 = spread([pct(s, 0.5) for s in runs_lat], "{:.0f}".format)
+            p99 = spread([pct(s, 0.99) for s in runs_lat], "{:.0f}".format)
+            print(f"  {label:<33} p50 {p50}  p99 {p99}")
+        added = [pct(b, 0.5) - pct(a, 0.5) for a, b in zip(raw_lat, bus_lat, strict=True)]
+        print(f"  added p50: {spread(added, '{:+.0f}'.format)} us")
+        checks.append(
+            (f"<= 30 us added p50: {spread(added, '{:+.0f}'.format)} us", max(added) <= 30)
+        )
+    print("\ntargets (PASS only if every round met it):")
     for text, ok in checks:
         print(f"  {'PASS' if ok else 'FAIL'}  {text}")
 

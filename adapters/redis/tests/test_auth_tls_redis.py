@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cascade_bus import ConnectError, InvalidURL, connect
+from cascade_bus import ConnectError, InvalidURL, UnsupportedFeature, connect
 from cascade_bus.testing.brokers import free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.fault]
@@ -72,6 +72,41 @@ def test_unknown_options_and_clusters_are_refused() -> None:
         connect("redis://127.0.0.1:6379/zero")
     assert connect("redis://127.0.0.1:6379/3").transport._opts.db == 3  # type: ignore[attr-defined]
     assert connect("redis://h?db=2").transport._opts.db == 2  # type: ignore[attr-defined]
+
+
+WILL_OPTIONS = {
+    "will_topic": "app/offline",
+    "will_payload": "gone",
+    "will_qos": "1",
+    "will_retain": "true",
+    "presence_topic": "app/status",
+}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379",
+        "rediss://127.0.0.1:6379",
+        "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
+        "rediss+cluster://127.0.0.1:7000",
+    ],
+)
+@pytest.mark.parametrize("option", sorted(WILL_OPTIONS))
+def test_last_will_options_are_unsupported(url: str, option: str) -> None:
+    """Every last-will option, as keyword or in the query, names the transport and feature."""
+    scheme = url.split("://", 1)[0]
+    for attempt in (
+        lambda: connect(url, **{option: WILL_OPTIONS[option]}),
+        lambda: connect(f"{url}?{option}={WILL_OPTIONS[option]}"),
+    ):
+        with pytest.raises(UnsupportedFeature) as info:
+            attempt()
+        assert info.value.transport == scheme
+        assert info.value.feature == "last will"
+        assert option in str(info.value)
+        assert scheme in str(info.value)
+    assert not connect(url.split(",")[0]).capabilities.will
 
 
 @pytest.fixture

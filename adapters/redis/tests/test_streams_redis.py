@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aredis
 
 from cascade_bus import Envelope
+from cascade_bus.testing.conformance import WILDCARD_MATRIX, WILDCARD_TOPICS
 
 pytestmark = pytest.mark.redis
 
@@ -40,6 +41,33 @@ async def test_qos1_subscription_gets_both_qos_and_acks(redis_url, open_bus, pre
                 await asyncio.sleep(0.01)  # polling the server's PEL (no event for it)
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one-per-call", "one-call"])
+async def test_stream_routes_follow_the_wildcard_matrix(redis_url, open_bus, prefix, kit, batched):
+    """The publish script routes to QoS 1 streams exactly as pub/sub matches, whether it runs
+    each message in its own call (routes scanned per message) or many in one call (routes
+    parsed once)."""
+    bus, publisher = await open_bus(redis_url), await open_bus(redis_url)
+    inboxes = {pattern: kit.Inbox() for pattern in WILDCARD_MATRIX}
+    for pattern, inbox in inboxes.items():
+        await bus.subscribe(f"{prefix}/{pattern}", inbox, qos=1)
+    if batched:
+        for name in WILDCARD_TOPICS:  # QoS 0: each returns without yielding to the loop
+            await publisher.publish(f"{prefix}/{name}", {"t": name})
+        assert len(kit.redis_transport(publisher)._parts) == len(WILDCARD_TOPICS)
+    else:
+        for name in WILDCARD_TOPICS:  # QoS 1: each waits for its own script call
+            await publisher.publish(f"{prefix}/{name}", {"t": name}, qos=1)
+    for pattern in WILDCARD_MATRIX:  # one sentinel per pattern, after the rest (FIFO streams)
+        concrete = "/".join("s" if level in "+#" else level for level in pattern.split("/"))
+        await publisher.publish(f"{prefix}/{concrete}", {"end": pattern}, qos=1)
+    for pattern, inbox in inboxes.items():
+        end = {"end": pattern}
+        await inbox.wait_until(lambda inbox=inbox, end=end: end in inbox.payloads, str(end))
+        got = sorted(p["t"] for p in inbox.payloads if "t" in p)
+        assert got == sorted(WILDCARD_MATRIX[pattern]), pattern
+        assert all(env.topic == f"{prefix}/{env.payload['t']}" for env in inbox.envelopes[:1])
 
 
 async def test_qos0_subscriber_sees_qos1_publishes(redis_url, open_bus, prefix, kit):

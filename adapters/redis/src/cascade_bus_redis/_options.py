@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cascade_bus import InvalidURL
+from cascade_bus import InvalidURL, UnsupportedFeature
 from cascade_bus.spi import BusURL, parse_bool, parse_float, parse_int
 
 __all__ = ["RedisOptions"]
@@ -43,6 +43,8 @@ KNOWN = frozenset(
 )
 #: Options only ``redis+cluster://`` understands.
 CLUSTER_ONLY = frozenset({"shard_levels"})
+#: Last-will options (the MQTT transport's): refused, Redis has no last will.
+WILL = ("will_topic", "will_payload", "will_qos", "will_retain", "presence_topic")
 
 #: Default largest body. Redis disconnects a pub/sub client whose output buffer passes 32 MiB
 #: (``client-output-buffer-limit pubsub``), so far smaller messages are the sane ceiling.
@@ -101,8 +103,17 @@ class RedisOptions:
 
         Raises:
             InvalidURL: an unknown option or a bad value, naming the option.
+            UnsupportedFeature: a last-will option (Redis has no last will; not emulated).
         """
         opts = dict(options)
+        will = [key for key in WILL if key in opts]
+        if will:
+            raise UnsupportedFeature(
+                url.scheme,
+                "last will",
+                "Redis has nothing that publishes for a client that vanished, and the adapter "
+                f"does not emulate a last will ({', '.join(will)})",
+            )
         known = (KNOWN - {"db"}) | CLUSTER_ONLY if cluster else KNOWN
         unknown = sorted(set(opts) - known)
         if unknown:

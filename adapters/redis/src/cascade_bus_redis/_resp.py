@@ -3,12 +3,14 @@
 Why not redis-py's client objects on the hot path: every redis-py command is its own coroutine
 with its own write and read (pipelines batch, but only commands the caller collected itself),
 and its PubSub reads one message per ``await``. The bus needs something else: publishes issued
-by unrelated tasks in the same loop iteration must share one socket write, replies must resolve
-their waiters in FIFO order from one ``data_received`` call, and a full subscription must be able
-to stop the parsing of pub/sub pushes without losing the bytes already read (flow control). That
-is this class: a write buffer flushed once per loop iteration (or when it grows large), a FIFO of
-reply waiters, an optional push handler for pub/sub connections, and ``hold``/``release`` to pause
-parsing.
+by unrelated tasks in the same loop iteration must share one socket write (and one script call),
+replies must resolve their waiters in FIFO order from one ``data_received`` call, and a full
+subscription must be able to stop the parsing of pub/sub pushes without losing the bytes already
+read (flow control). That is this class: a write buffer flushed once per loop iteration (or when
+it grows large), a ``before_write`` hook through which the owner appends what it batched itself
+(in order with every other command), a FIFO of reply waiters, an optional push handler for
+pub/sub connections, and ``hold``/``release`` to pause parsing. docs/transports/redis.md ("Why
+its own RESP client") has the measurements against redis-py's ``Connection``.
 """
 
 from __future__ import annotations
@@ -119,10 +121,12 @@ class RespConnection:
         self._held = False
         self._write_paused = False
         self._writable: asyncio.Future[None] | None = None
-        self._capacity: tuple[int, asyncio.Future[None]] | None = None
         self._closed_fut: asyncio.Future[None] | None = None
         self.lost = False
         self.lost_cause: BaseException | None = None
+        #: Called before anything is queued or written, so that the owner can first append the
+        #: commands it batched itself (it must not recurse: clear its batch before `send`).
+        self.before_write: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         state = "lost" if self.lost else "open" if self._transport else "new"
@@ -205,12 +209,19 @@ class RespConnection:
         """
         if self.lost or self._transport is None:
             raise RespLost(f"connection to {self.name} is closed")
+        if self.before_write is not None:
+            self.before_write()
         self._waiters.append(waiter)
         self._out.append(packed)
         self._out_size += len(packed)
         if self._out_size >= _FLUSH_BYTES:
             self.flush()
         elif self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
+
+    def schedule_flush(self) -> None:
+        """Make sure a flush runs at the end of this loop iteration (``before_write`` included)."""
+        if self._flush_handle is None and not self.lost:
             self._flush_handle = asyncio.get_running_loop().call_soon(self.flush)
 
     def call(self, *args: bytes | str | int) -> asyncio.Future[Any]:
@@ -223,13 +234,20 @@ class RespConnection:
         """Write a command whose reply is not awaited in FIFO (pub/sub mode only)."""
         if self.lost or self._transport is None:
             raise RespLost(f"connection to {self.name} is closed")
+        if self.before_write is not None:
+            self.before_write()
         self._out.append(packed)
         self._out_size += len(packed)
         self.flush()
 
     def flush(self) -> None:
-        """Write everything queued now."""
-        self._flush_handle = None
+        """Write everything queued now (first asking the owner for its batch)."""
+        if self.before_write is not None and not self.lost:
+            self.before_write()
+        handle = self._flush_handle
+        if handle is not None:  # this call, or one `before_write` scheduled: done now
+            handle.cancel()
+            self._flush_handle = None
         if not self._out:
             return
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
@@ -257,16 +275,6 @@ class RespConnection:
         fut = self._writable
         if fut is not None and not fut.done():
             fut.set_result(None)
-
-    async def wait_capacity(self, below: int) -> None:
-        """Flush, then wait until fewer than ``below`` replies are outstanding (or link died)."""
-        self.flush()
-        if len(self._waiters) < below or self.lost:
-            return
-        cap = self._capacity
-        if cap is None or cap[1].done():
-            cap = self._capacity = (below, asyncio.get_running_loop().create_future())
-        await asyncio.shield(cap[1])
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -306,11 +314,6 @@ class RespConnection:
                         waiter.set_result(reply)
             elif on_reply is not None:
                 on_reply(waiter, reply)
-        cap = self._capacity
-        if cap is not None and len(waiters) < cap[0]:
-            self._capacity = None
-            if not cap[1].done():
-                cap[1].set_result(None)
 
     def hold(self) -> None:
         """Stop parsing (and reading) until `release`; bytes already read stay buffered."""
@@ -353,9 +356,9 @@ class RespConnection:
             if type(waiter) is asyncio.Future and not waiter.done():
                 waiter.set_exception(error)
                 waiter.exception()  # retrieved: whoever awaits it still gets it
-        for fut in (self._writable, self._capacity[1] if self._capacity else None):
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+        fut = self._writable
+        if fut is not None and not fut.done():
+            fut.set_result(None)
         if self._closed_fut is not None and not self._closed_fut.done():
             self._closed_fut.set_result(None)
         if self._on_lost is not None:

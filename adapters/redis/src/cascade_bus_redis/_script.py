@@ -1,5 +1,9 @@
 r"""The one Lua script behind every publish, stream route and retained read (EVALSHA).
 
+Its cost per publish is the server's share of the adapter's throughput (the server shares the
+machine's cores with the clients), so the common path, a QoS 0 publish no stream route matches,
+must stay cheap: see ``bench/bench_redis.py`` and its server columns.
+
 Both transports load the same script; every operation takes its *namespace* ``N`` as
 ``ARGV[2]`` and builds its key names from it. Standalone (``redis://``): ``N`` is the ``prefix``
 option (``cascade_bus:``) and the script is called with 0 keys. Redis Cluster
@@ -19,9 +23,13 @@ Key layout (``N`` the namespace):
 - ``N q:<queue>/<pattern>`` (stream, group ``cascade_bus``): one per queue group.
 - ``N s:<client_id>:<n>/<pattern>`` (stream, group ``cascade_bus``): one per QoS 1 subscription.
 
-Standalone only: channel ``N ctl`` carries ``r<seq>`` just before a retained publish's PUBLISH
-(on the channel named exactly like the topic) and ``e`` just after it, so a subscriber learns
-the sequence number of the message in between without any change to the body.
+Standalone only (op ``p``): one call carries many publishes, run in order, each atomically:
+``ARGV[3]`` is the streams' MAXLEN, then ``retain, topic, body`` per message. The routes hash is
+read once per call (scanned directly for a single message); the reply is the number of messages,
+or ``{index, error, ...}`` for those that failed (each runs under ``pcall``, so one refused
+message does not stop the others). Channel ``N ctl`` carries ``r<seq>`` just before a retained
+publish's PUBLISH (on the channel named exactly like the topic) and ``e`` just after it, so a
+subscriber learns the sequence number of the message in between without any change to the body.
 
 Cluster only (op ``P``): the body travels in a *frame* ``<seq>\0<topic>\0<body>`` (``seq``
 empty unless retained) by SPUBLISH on the topic's shard channel ``N t:<topic>`` and on
@@ -56,9 +64,8 @@ local function split(s)
   end
 end
 
-local function matches(pattern, topic)
-  if pattern == topic then return true end
-  if not string.find(pattern, '[+#]') then return false end
+-- Whether a pattern known to hold a wildcard matches the topic (MQTT rules, `$` included).
+local function wild_matches(pattern, topic)
   local pc = string.byte(pattern, 1)
   if string.byte(topic, 1) == 36 and (pc == 43 or pc == 35) then return false end
   local p = split(pattern)
@@ -92,25 +99,38 @@ end
 
 -- The leases {field, pattern} in hash `key` ("<expiry ms> <pattern>" values) whose pattern
 -- matches the topic (each pattern once if `distinct`); expired ones are deleted on the way.
+-- Each lease costs a few plain string operations unless its pattern's literal start matches.
 local function leased(key, topic, distinct)
   local out = {}
   local entries = redis.call('HGETALL', key)
   if #entries == 0 then return out end
   local now = false
   local seen = {}
+  local find, sub = string.find, string.sub
   for i = 1, #entries, 2 do
     local value = entries[i + 1]
-    local sp = string.find(value, ' ', 1, true)
+    local sp = find(value, ' ', 1, true)
+    local hit = false
     if sp then
-      local pattern = string.sub(value, sp + 1)
-      if matches(pattern, topic) then
-        if not now then now = now_ms() end
-        if tonumber(string.sub(value, 1, sp - 1)) < now then
-          redis.call('HDEL', key, entries[i])
-        elseif not (distinct and seen[pattern]) then
-          seen[pattern] = true
-          out[#out + 1] = {entries[i], pattern}
-        end
+      -- plain finds: '+' comes before any '#' (which ends a pattern)
+      local w = find(value, '+', sp, true) or find(value, '#', sp, true)
+      if not w then
+        hit = #value - sp == #topic and sub(value, sp + 1) == topic
+      else
+        local e = w - 1  -- the literal start ends here ('a/#' also matches 'a': no slash)
+        if e > sp and string.byte(value, w) == 35 then e = e - 1 end
+        hit = sub(value, sp + 1, e) == sub(topic, 1, e - sp)
+          and wild_matches(sub(value, sp + 1), topic)
+      end
+    end
+    if hit then
+      local pattern = sub(value, sp + 1)
+      if not now then now = now_ms() end
+      if tonumber(sub(value, 1, sp - 1)) < now then
+        redis.call('HDEL', key, entries[i])
+      elseif not (distinct and seen[pattern]) then
+        seen[pattern] = true
+        out[#out + 1] = {entries[i], pattern}
       end
     end
   end
@@ -131,6 +151,86 @@ local function fan_out(topic, body, seq, maxlen)
   return n
 end
 
+-- The stream routes in hash `key`, parsed once per publish call (the common case: none, or
+-- none that matches, must stay cheap). Returns a table with parallel arrays: stream key, pattern,
+-- the pattern's literal start before its first wildcard (false: no wildcard) and the raw lease
+-- value (its expiry is read only when the route matches).
+local function routes_of(key)
+  local entries = redis.call('HGETALL', key)
+  local routes = {n = 0, stream = {}, pattern = {}, lit = {}, value = {}, key = key}
+  local find, sub = string.find, string.sub
+  local n = 0
+  for i = 1, #entries, 2 do
+    local value = entries[i + 1]
+    local sp = find(value, ' ', 1, true)
+    if sp then
+      n = n + 1
+      local pattern = sub(value, sp + 1)
+      -- plain finds: '+' comes before any '#' (which ends a pattern)
+      local w = find(pattern, '+', 1, true) or find(pattern, '#', 1, true)
+      local lit = false
+      if w then
+        local e = w - 1  -- the literal start ends here ('a/#' also matches 'a': no slash)
+        if e > 0 and string.byte(pattern, w) == 35 then e = e - 1 end
+        lit = sub(pattern, 1, e)
+      end
+      routes.stream[n] = entries[i]
+      routes.pattern[n] = pattern
+      routes.lit[n] = lit
+      routes.value[n] = value
+    end
+  end
+  routes.n = n
+  return routes
+end
+
+-- Whether route r is leased still; an expired one is deleted (and skipped from now on).
+local function route_live(routes, r)
+  if not routes.now then routes.now = now_ms() end
+  local value = routes.value[r]
+  local expiry = tonumber(string.sub(value, 1, string.find(value, ' ', 1, true) - 1))
+  if expiry and expiry >= routes.now then return true end
+  redis.call('HDEL', routes.key, routes.stream[r])
+  routes.pattern[r] = false
+  routes.lit[r] = false
+  return false
+end
+
+-- One standalone publish: the retained update with its markers, the PUBLISH, the XADDs
+-- (`routes` parsed by `routes_of` for a batch; false for a single message: scanned directly).
+local function publish_one(retain, topic, body, maxlen, routes)
+  local seq = false
+  if retain == '1' then
+    seq = retain_body(topic, body)
+    redis.call('PUBLISH', P .. 'ctl', 'r' .. seq)
+  end
+  redis.call('PUBLISH', topic, body)
+  if seq then redis.call('PUBLISH', P .. 'ctl', 'e') end
+  if not routes then
+    fan_out(topic, body, seq, maxlen)
+    return
+  end
+  local lits, patterns = routes.lit, routes.pattern
+  for r = 1, routes.n do
+    local lit = lits[r]
+    local hit
+    if lit then
+      -- the literal start rules out most routes before any splitting
+      hit = string.sub(topic, 1, #lit) == lit and wild_matches(patterns[r], topic)
+    else
+      hit = patterns[r] == topic
+    end
+    if hit and route_live(routes, r) then
+      local stream = routes.stream[r]
+      if seq then
+        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 't', topic, 'd', body, 's', seq)
+      else
+        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 't', topic, 'd', body)
+      end
+    end
+  end
+end
+
 -- Write a lease "<now + ttl> <pattern>" and drop the expired ones; the key outlives the lease.
 local function lease(key, field, pattern, ttl)
   local now = now_ms()
@@ -149,16 +249,20 @@ end
 
 _OPS = r"""
 if op == 'p' then
-  -- standalone publish: topic, body, retain, maxlen
-  local topic, body, retain, maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-  local seq = false
-  if retain == '1' then
-    seq = retain_body(topic, body)
-    redis.call('PUBLISH', P .. 'ctl', 'r' .. seq)
+  -- standalone publishes, in order: maxlen, then (retain, topic, body) per message. Returns
+  -- the number of messages, or {index, error, ...} (1-based) for those that failed.
+  local maxlen = ARGV[3]
+  local routes = #ARGV > 6 and routes_of(P .. 'routes')
+  local failed = {}
+  for i = 4, #ARGV, 3 do
+    local ok, err = pcall(publish_one, ARGV[i], ARGV[i + 1], ARGV[i + 2], maxlen, routes)
+    if not ok then
+      failed[#failed + 1] = (i - 1) / 3
+      failed[#failed + 1] = type(err) == 'table' and tostring(err.err) or tostring(err)
+    end
   end
-  local n = redis.call('PUBLISH', topic, body)
-  if seq then redis.call('PUBLISH', P .. 'ctl', 'e') end
-  return n + fan_out(topic, body, seq, maxlen)
+  if #failed == 0 then return (#ARGV - 3) / 3 end
+  return failed
 elseif op == 'P' then
   -- cluster publish: topic, body, retain, maxlen, broad hash of the slot, classic prefix
   local topic, body, retain, maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6]

@@ -6,14 +6,18 @@ and one *pub/sub* connection (SUBSCRIBE/PSUBSCRIBE, parsed straight into the sub
 queues). Each stream subscription (QoS 1, or any queue group) adds one connection for its blocking
 XREADGROUP. All speak RESP2 through `RespConnection` (hiredis parser).
 
-Publishing. Every publish is one EVALSHA of the adapter's script (see ``_script.py``): PUBLISH on
-the channel named exactly like the topic (plain clients interoperate), the retained hash update
-when ``retain`` is set, and an XADD to every registered stream route whose pattern matches the
-topic, all atomically. A QoS 0 publish returns once queued on the socket (at most ``max_inflight``
-replies outstanding, so a loop of awaited publishes is pipelined by itself); a QoS 1 publish returns
-when Redis replied. While disconnected, publishes wait in a bounded offline buffer (QoS 0 over the
-bound: dropped and counted as ``offline_overflow``; QoS 1: `PublishError`); QoS 1 publishes whose
-reply was lost with the connection are sent again (at least once), QoS 0 ones are counted as
+Publishing. The publishes of one event-loop iteration (up to a quarter of ``max_inflight``,
+``_BATCH_MAX`` messages or ``_BATCH_BYTES``) go as one EVALSHA of the adapter's script (see
+``_script.py``), which runs them in order, each atomically: PUBLISH on the channel named exactly
+like the topic (plain clients interoperate), the retained hash update when ``retain`` is set,
+and an XADD to every registered stream route whose pattern matches the topic (the routes are read
+once per call). The reply names the messages that failed, if any. A QoS 0 publish returns once
+queued (at most ``max_inflight`` publishes unanswered, so a loop of awaited publishes is
+pipelined and batched by itself); a QoS 1 publish returns when Redis replied. Any other command
+on the connection first closes the open batch, so commands reach Redis in the order they were
+issued. While disconnected, publishes wait in a bounded offline buffer (QoS 0 over the bound:
+dropped and counted as ``offline_overflow``; QoS 1: `PublishError`); QoS 1 publishes whose reply
+was lost with the connection are sent again (at least once), QoS 0 ones are counted as
 ``disconnected``.
 
 QoS and queue groups. A QoS 0 subscription is a pub/sub subscription. A QoS 1 subscription
@@ -91,6 +95,10 @@ log = logging.getLogger("cascade_bus.redis")
 
 GROUP = b"cascade_bus"
 _SCAN_COUNT = b"1000"
+#: Most messages, and body bytes, in one publish script call: bounds how long one call blocks
+#: the server (about a microsecond per message) and how much a NOSCRIPT resend holds.
+_BATCH_MAX = 512
+_BATCH_BYTES = 256 * 1024
 _TOPIC_CACHE = 4096
 _CONNECT_TIMEOUT = 10.0
 
@@ -125,6 +133,18 @@ class _Out:
                 fut.set_result(None)
             else:
                 fut.set_exception(error)
+
+
+class _Batch:
+    """One publish script call in flight: its messages (packed) and the QoS 1 ones among them."""
+
+    __slots__ = ("body", "n", "outs", "seq")
+
+    def __init__(self, seq: int, n: int, body: bytes, outs: list[tuple[int, _Out]]) -> None:
+        self.seq = seq  # issue order (NOSCRIPT resends keep it)
+        self.n = n
+        self.body = body  # the packed (retain, topic, body) triples
+        self.outs = outs  # (1-based index in the batch, publish) of the QoS 1 publishes
 
 
 class _Item:
@@ -328,9 +348,19 @@ class RedisTransport(NetworkTransport):
         self._maxlen = str(o.stream_maxlen).encode()
         self._ttl_ms = int(o.stream_ttl * 1000)
         self._sha = b""
-        self._head = b""
-        self._tail = (_bulk(b"0") + _bulk(self._maxlen), _bulk(b"1") + _bulk(self._maxlen))
-        self._topic_bytes: dict[str, bytes] = {}
+        self._script_args = b""  # sha, numkeys, op, namespace, maxlen: packed
+        # The open batch: packed (retain, topic, body) triples, their QoS 1 publishes, bytes.
+        self._parts: list[bytes] = []
+        self._part_outs: list[tuple[int, _Out]] = []
+        self._parts_size = 0
+        self._batch_seq = itertools.count()
+        self._inflight = 0  # publishes in the open batch or unanswered
+        self._capacity: asyncio.Future[None] | None = None
+        self._noscript: list[_Batch] = []  # refused for NOSCRIPT: sent again once reloaded
+        self._noscript_task: asyncio.Task[None] | None = None
+        self._topic_heads: dict[str, bytes] = {}
+        # A quarter of the in-flight window per call: later calls run while the publisher waits.
+        self._batch_max = max(1, min(_BATCH_MAX, o.max_inflight // 4))
         self._channel_topics: dict[bytes, str] = {}
         self._cmd: RespConnection | None = None
         self._pubsub: RespConnection | None = None
@@ -438,6 +468,7 @@ class RedisTransport(NetworkTransport):
             cmd.abort()
             raise
         self._cmd, self._pubsub = cmd, pubsub
+        cmd.before_write = self._seal
         self._seq = None
         try:
             commands = [pack(b"SUBSCRIBE", self._ctl, self._barrier_channel)]
@@ -453,12 +484,8 @@ class RedisTransport(NetworkTransport):
 
     def _set_sha(self, sha: bytes) -> None:
         self._sha = sha
-        self._head = (
-            b"*9\r\n$7\r\nEVALSHA\r\n"
-            + _bulk(sha)
-            + _bulk(b"0")
-            + _bulk(b"p")
-            + _bulk(self._prefix)
+        self._script_args = (
+            _bulk(sha) + _bulk(b"0") + _bulk(b"p") + _bulk(self._prefix) + _bulk(self._maxlen)
         )
 
     async def connect(self) -> None:
@@ -501,21 +528,30 @@ class RedisTransport(NetworkTransport):
 
     def _take_inflight(self) -> None:
         """Requeue QoS 1 publishes the lost connection never answered; count lost QoS 0 ones."""
-        cmd = self._cmd
-        if cmd is None:
-            return
-        requeue: list[_Out] = []
-        lost_qos0 = 0
-        for waiter in cmd.take_waiters():
-            if waiter is None:
-                lost_qos0 += 1
-            elif isinstance(waiter, _Out):
-                requeue.append(waiter)
-                waiter.settle()  # held in a buffer that survives the reconnect
+        requeue, lost_qos0 = self._unanswered()
+        for out in requeue:
+            out.settle()  # held in a buffer that survives the reconnect
         if lost_qos0:
             # Their fate is unknown (Redis may have run them): counted, never resent twice.
             self.stats.drop(DropReason.DISCONNECTED, lost_qos0)
         self._offline.extendleft(reversed(requeue))
+
+    def _unanswered(self) -> tuple[list[_Out], int]:
+        """Take every publish not answered yet: its QoS 1 ones in order, and how many QoS 0."""
+        batches: list[_Batch] = []
+        cmd = self._cmd
+        if cmd is not None:
+            batches += [w for w in cmd.take_waiters() if type(w) is _Batch]
+        batches += self._noscript
+        batches.sort(key=lambda b: b.seq)
+        self._noscript = []
+        if self._parts:  # the open batch (never sent)
+            batches.append(_Batch(-1, len(self._parts), b"", self._part_outs))
+            self._parts, self._part_outs, self._parts_size = [], [], 0
+        self._inflight = 0
+        self._release_capacity()
+        outs = [out for batch in batches for _, out in batch.outs]
+        return outs, sum(batch.n for batch in batches) - len(outs)
 
     def _fail_sync(self, error: BaseException) -> None:
         for table in (self._barriers, self._pongs):
@@ -580,11 +616,9 @@ class RedisTransport(NetworkTransport):
             )
 
     def _resend_offline(self) -> None:
-        cmd = self._cmd
-        assert cmd is not None
         while self._offline:
             out = self._offline.popleft()
-            cmd.send(self._pack_publish(out.topic, out.data, out.retain), out if out.qos else None)
+            self._enqueue(out.topic, out.data, out.retain, out if out.qos else None)
 
     async def _resync(self) -> None:
         """Re-deliver retained messages that changed while the pub/sub connection was away.
@@ -669,25 +703,61 @@ class RedisTransport(NetworkTransport):
         self._set_connected(False)
         self._lost.set()
         self._fail_sync(BusClosed("the Redis transport was closed"))
-        self._fail_offline(BusClosed("the Redis transport was closed"))
+        closed = BusClosed("the Redis transport was closed")
+        unanswered, lost_qos0 = self._unanswered()  # normally none: the final PING came back
+        if lost_qos0:
+            self.stats.drop(DropReason.DISCONNECTED, lost_qos0)
+        for out in unanswered:
+            out.settle(closed)
+        self._fail_offline(closed)
         for task in list(self._tasks):
             task.cancel()
 
     # -- publishing ------------------------------------------------------------------------------
 
-    def _pack_publish(self, topic: str, data: bytes, retain: bool) -> bytes:
-        name = self._topic_bytes.get(topic)
-        if name is None:
-            if len(self._topic_bytes) >= _TOPIC_CACHE:
-                self._topic_bytes.clear()
-            name = self._topic_bytes[topic] = topic.encode()
-        return b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s" % (
-            self._head,
-            len(name),
-            name,
-            len(data),
-            data,
-            self._tail[retain],
+    def _enqueue(self, topic: str, data: bytes, retain: bool, out: _Out | None) -> None:
+        """Add one publish to the open batch (sent at the end of this loop iteration)."""
+        parts = self._parts
+        if not parts:
+            cmd = self._cmd
+            if cmd is not None:
+                cmd.schedule_flush()
+        if out is not None:
+            self._part_outs.append((len(parts) + 1, out))
+        if retain:
+            name = topic.encode()
+            head = b"$1\r\n1\r\n$%d\r\n%s\r\n" % (len(name), name)
+        else:
+            head = self._topic_heads.get(topic)  # type: ignore[assignment]
+            if head is None:
+                if len(self._topic_heads) >= _TOPIC_CACHE:
+                    self._topic_heads.clear()
+                name = topic.encode()
+                head = self._topic_heads[topic] = b"$1\r\n0\r\n$%d\r\n%s\r\n" % (len(name), name)
+        parts.append(b"%s$%d\r\n%s\r\n" % (head, len(data), data))
+        self._inflight += 1
+        self._parts_size += len(data)
+        if self._parts_size >= _BATCH_BYTES or len(parts) >= self._batch_max:
+            self._seal()
+
+    def _seal(self) -> None:
+        """Send the open batch as one script call (the connection's ``before_write`` hook)."""
+        parts = self._parts
+        cmd = self._cmd
+        if not parts or cmd is None or cmd.lost:
+            return  # nothing, or `_take_inflight` takes them with the lost connection
+        self._parts, outs, self._part_outs, self._parts_size = [], self._part_outs, [], 0
+        batch = _Batch(next(self._batch_seq), len(parts), b"".join(parts), outs)
+        if self._noscript:
+            self._noscript.append(batch)  # behind the refused ones, to keep the order
+            return
+        cmd.send(self._batch_command(batch), batch)
+
+    def _batch_command(self, batch: _Batch) -> bytes:
+        return b"*%d\r\n$7\r\nEVALSHA\r\n%s%s" % (
+            6 + 3 * batch.n,
+            self._script_args,
+            batch.body,
         )
 
     async def publish(
@@ -709,19 +779,33 @@ class RedisTransport(NetworkTransport):
             raise BusClosed("the Redis transport is closed")
         cmd = self._cmd
         if self._connected and cmd is not None:
-            packed = self._pack_publish(topic, data, retain)
             if qos:
                 fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                cmd.send(packed, _Out(topic, data, qos, retain, fut))
+                self._enqueue(topic, data, retain, _Out(topic, data, qos, retain, fut))
                 await fut
                 return
-            cmd.send(packed, None)
-            if cmd.pending >= self._opts.max_inflight:
-                await cmd.wait_capacity(self._opts.max_inflight // 2)
+            self._enqueue(topic, data, retain, None)
+            if self._inflight >= self._opts.max_inflight:
+                await self._wait_capacity(cmd)
             if cmd.write_paused:
                 await cmd.wait_writable()
             return
         self._buffer(topic, data, qos, retain)
+
+    async def _wait_capacity(self, cmd: RespConnection) -> None:
+        """Send now, then wait until at most half of ``max_inflight`` publishes are unanswered."""
+        cmd.flush()
+        if cmd.lost or self._inflight < self._opts.max_inflight:
+            return
+        fut = self._capacity
+        if fut is None or fut.done():
+            fut = self._capacity = asyncio.get_running_loop().create_future()
+        await asyncio.shield(fut)
+
+    def _release_capacity(self) -> None:
+        fut, self._capacity = self._capacity, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     def _buffer(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
         if not self._opts.reconnect:
@@ -740,26 +824,58 @@ class RedisTransport(NetworkTransport):
         self._offline.append(_Out(topic, data, qos, retain, None))
 
     def _on_reply(self, waiter: Any, reply: Any) -> None:
-        """A reply for a QoS 1 publish (an `_Out`)."""
-        if not isinstance(waiter, _Out):
+        """The reply to a publish script call (a `_Batch`): settle its QoS 1 publishes."""
+        if type(waiter) is not _Batch:
+            return
+        self._inflight -= waiter.n
+        if self._capacity is not None and self._inflight < self._opts.max_inflight // 2:
+            self._release_capacity()
+        if type(reply) is int:  # all ran
+            for _, out in waiter.outs:
+                out.settle()
             return
         if type(reply) is ReplyError:
-            if reply.code == "NOSCRIPT":
-                self._spawn(self._reload_and_resend(waiter), "reload-script")
+            if reply.code == "NOSCRIPT":  # none ran: send the batch again once reloaded
+                self._inflight += waiter.n
+                self._noscript.append(waiter)
+                if self._noscript_task is None or self._noscript_task.done():
+                    self._noscript_task = self._spawn(self._resend_noscript(), "reload-script")
                 return
+            failed = dict.fromkeys(range(1, waiter.n + 1), str(reply))
+        else:  # [index, error, ...]: those failed, the others ran
+            failed = {
+                int(i): e.decode("utf-8", "replace")
+                for i, e in zip(reply[::2], reply[1::2], strict=True)
+            }
+        for index, out in waiter.outs:
+            text = failed.pop(index, None)
+            if text is None:
+                out.settle()
+                continue
             error = PublishError(
-                f"{self.url.endpoint()} refused the message for {waiter.topic!r}: {reply}",
-                topic=waiter.topic,
+                f"{self.url.endpoint()} refused the message for {out.topic!r}: {text}",
+                topic=out.topic,
             )
-            if waiter.future is None or waiter.future.done():
-                self.stats.drop(DropReason.PUBLISH_FAILED)
-                log.warning("%s", error)
-            waiter.settle(error)
-            return
-        waiter.settle()
+            if out.future is None or out.future.done():  # resent from the buffer: nobody waits
+                self._publish_failed(error)
+            out.settle(error)
+        for text in failed.values():  # QoS 0 publishes
+            self._publish_failed(ReplyError(text))
+
+    def _publish_failed(self, error: BaseException) -> None:
+        """Count a publish nobody waits for that Redis refused; log the first one."""
+        self.stats.drop(DropReason.PUBLISH_FAILED)
+        if not self._reported_failure:
+            self._reported_failure = True
+            log.warning(
+                "%s refused a publish (counted in stats().dropped['publish_failed']; "
+                "further failures are not logged): %s",
+                self.url.endpoint(),
+                error,
+            )
 
     def _on_orphan(self, error: ReplyError) -> None:
-        """An error reply to a command nobody awaited (a QoS 0 publish, an ack)."""
+        """An error reply to a command nobody awaited (a barrier, a route left on close)."""
         self.stats.drop(DropReason.PUBLISH_FAILED)
         if error.code == "NOSCRIPT":
             self._spawn(self._reload_script(), "reload-script")
@@ -778,18 +894,28 @@ class RedisTransport(NetworkTransport):
             with_sha = await cmd.call(b"SCRIPT", b"LOAD", SCRIPT)
             self._set_sha(with_sha)
 
-    async def _reload_and_resend(self, out: _Out) -> None:
+    async def _resend_noscript(self) -> None:
+        """Load the script again (SCRIPT FLUSH, a restart), then send the refused batches again.
+
+        Batches sealed meanwhile wait behind them, so the order of publishes holds.
+        """
         try:
             await self._reload_script()
-        except (RespLost, ReplyError) as exc:
-            out.settle(PublishError(f"publish to {out.topic!r} failed: {exc}", topic=out.topic))
+        except RespLost:
+            return  # `_take_inflight` takes the batches with the lost connection
+        except ReplyError as exc:
+            batches, self._noscript = self._noscript, []
+            for batch in batches:
+                self._on_reply(batch, ReplyError(f"loading the script failed: {exc}"))
             return
         cmd = self._cmd
-        if cmd is not None and self._connected:
-            cmd.send(self._pack_publish(out.topic, out.data, out.retain), out)
-        else:
-            self._offline.appendleft(out)
-            out.settle()
+        if cmd is None or cmd.lost:
+            return
+        self._seal()  # the open batch joins the queue (it is not empty), so the sends below
+        # cannot let it through first (`send` seals through `before_write`)
+        batches, self._noscript = sorted(self._noscript, key=lambda b: b.seq), []
+        for batch in batches:
+            cmd.send(self._batch_command(batch), batch)
 
     def _script_packed(self, op: bytes, *args: bytes) -> bytes:
         return pack(b"EVALSHA", self._sha, b"0", op, self._prefix, *args)
@@ -829,9 +955,13 @@ class RedisTransport(NetworkTransport):
                     continue
                 try:
                     await cmd.call(b"PING")  # replies come in order: all earlier ones arrived
-                    return
                 except RespLost:
                     await self._lost.wait()
+                    continue
+                reload = self._noscript_task
+                if reload is None or reload.done():
+                    return
+                await asyncio.wait({reload})  # refused calls go again: PING after them
 
     # -- pub/sub receiving -----------------------------------------------------------------------
 
