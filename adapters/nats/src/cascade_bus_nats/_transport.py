@@ -1148,8 +1148,35 @@ class NatsTransport(NetworkTransport):
         write buffer over ``pending_size``), else None: the message is queued for the socket.
         """
         if qos or retain or not self._connected or self._router is None:
+            if qos == 1 and not retain and self._connected and self._opts.jetstream:
+                return self._publish_qos1_nowait(topic, data, headers)
             return self.publish(topic, data, qos=qos, retain=retain, headers=headers)
         return self._publish_fast(topic, data, headers)
+
+    def _publish_qos1_nowait(
+        self, topic: str, data: bytes, headers: Mapping[str, str] | None
+    ) -> Awaitable[Any]:
+        """`_js_publish` without a coroutine, while connected.
+
+        Returns the future the stream's acknowledgement settles (the bus bounds it by
+        ``publish_timeout``).
+        """
+        extra: dict[str, str] = dict(headers) if headers else {}
+        self._check_size(topic, data, {**extra, _MSG_ID: "x" * 40, REVISION_HEADER: "0" * 12})
+        extra[_MSG_ID] = f"{self._msg_id_prefix}{next(self._msg_ids)}"
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        out = _Out(self._q1_prefix + self._subject(topic), data, extra, future)
+        out.deadline = loop.time() + self._opts.qos1_timeout
+        self._unsettled += 1
+        self._idle.clear()
+        pending = self._send(out)
+        return future if pending is None else self._written_then(pending, future)
+
+    @staticmethod
+    async def _written_then(pending: Awaitable[None], future: asyncio.Future[int]) -> None:
+        await pending
+        await future
 
     def _publish_fast(
         self, topic: str, data: bytes, headers: Mapping[str, str] | None, reply: str = ""
