@@ -43,8 +43,23 @@ loaded machine; the rates are what the targets are stated in.
 - ``cascade-bus QoS 1 (streams)``: ``bus.publish(..., qos=1)`` gathered in batches of 1,000 (each
   returns when Redis replied), a QoS 1 subscription (stream, XACK after the handler).
 
-broadcaster 0.3.1 was tried (its Redis backend wraps redis-py's PubSub) and delivered nothing with
-redis-py 8.1 in a minimal publish/subscribe script, so it has no row; FastStream was not tried.
+Other libraries, each optional (if its import fails, its row says why and the rest runs); both
+get the awaited loop's message count, as they publish one awaited message at a time:
+
+- ``faststream pub/sub``: FastStream's ``RedisBroker`` as its users write it, without the app
+  runner: one broker publishes (``await broker.publish(payload, channel=...)``, one by one),
+  another has a ``@broker.subscriber(channel)`` handler taking the decoded ``dict`` and counts;
+  ``async with broker:`` + ``await broker.start()``. Both brokers get ``logger=None``: by default
+  FastStream logs two INFO lines per message, which no other case does. Its body is the payload
+  inside FastStream's own binary frame with headers (correlation id, content type).
+- ``broadcaster pub/sub``: ``Broadcast("redis://...")``, ``await broadcast.publish(channel,
+  body)`` one by one (the same bytes as redis-py's) and ``async with broadcast.subscribe(channel)``
+  on another ``Broadcast``, decoding each event's message. broadcaster 0.3.1 with redis-py 8.1
+  delivers nothing to the first subscription of a ``Broadcast``: its listener task starts
+  ``PubSub.listen()`` before redis-py has recorded the SUBSCRIBE, so ``listen()`` returns at once
+  and the task waits for the next ``subscribe``. The run checks that first (and prints what it
+  found); while that holds the case subscribes a second, unused channel right after the first,
+  which restarts the listener.
 
 Latency: P ping-pongs of one message per round and side, alternating ping by ping (so that load
 from other jobs hits both sides alike), publish -> subscriber callback; p50/p99 in
@@ -59,6 +74,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib
+import importlib.metadata
 import statistics
 import time
 import uuid
@@ -67,6 +84,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import redis
 import redis.asyncio as aredis
 
 import cascade_bus
@@ -278,6 +296,125 @@ async def raw_streams(url: str, n: int) -> Run:
     return run
 
 
+# -- other libraries (optional) -----------------------------------------------------------------
+
+#: Why an optional library has no row (name -> reason), filled by `check_libraries`.
+ABSENT: dict[str, str] = {}
+
+#: broadcaster: True while its first subscription needs a second one to start delivering.
+BROADCASTER_RESTART = {"needed": False}
+
+
+def check_libraries() -> dict[str, str]:
+    """Import each optional library; name -> version for those that import."""
+    found: dict[str, str] = {}
+    for name, module, requirement in (
+        ("faststream", "faststream.redis", "faststream[redis]"),
+        ("broadcaster", "broadcaster", "broadcaster"),
+    ):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # ImportError, or a broken install
+            ABSENT[name] = (
+                f"not importable ({type(exc).__name__}: {exc}; pip install '{requirement}')"
+            )
+            continue
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "?"
+    return found
+
+
+async def faststream_case(url: str, n: int) -> Run:
+    from faststream.redis import RedisBroker
+
+    channel = f"bench/{uuid.uuid4().hex}"
+    done = asyncio.Event()
+    got = 0
+    # logger=None (FastStream's way to turn its per-message INFO lines off) is typed LoggerProto.
+    consumer = RedisBroker(url, logger=None)  # type: ignore[arg-type]
+    producer = RedisBroker(url, logger=None)  # type: ignore[arg-type]
+
+    @consumer.subscriber(channel)
+    async def handle(msg: dict[str, Any]) -> None:
+        nonlocal got
+        got += 1
+        if got == n:
+            done.set()
+
+    async with consumer, producer:
+        await consumer.start()
+        clock = _Clock()
+        for i in range(n):
+            await producer.publish(payload(i), channel=channel)
+        clock.published()
+        await _await_done(done)
+        run = clock.done(n)
+    assert got == n, (got, n)
+    return run
+
+
+async def broadcaster_case(url: str, n: int) -> Run:
+    from broadcaster import Broadcast
+
+    channel = f"bench/{uuid.uuid4().hex}"
+    done = asyncio.Event()
+    got = 0
+    async with (
+        Broadcast(url) as consumer,
+        Broadcast(url) as producer,
+        consumer.subscribe(channel) as subscriber,
+    ):
+        if BROADCASTER_RESTART["needed"]:
+            async with consumer.subscribe(f"{channel}/restart"):
+                pass
+
+        async def listen() -> None:
+            nonlocal got
+            while True:  # ``async for event in subscriber`` is typed as not iterable
+                event = await subscriber.get()
+                msgspec.json.decode(event.message)
+                got += 1
+                if got == n:
+                    done.set()
+                    return
+
+        task = asyncio.create_task(listen())
+        encode = msgspec.json.encode
+        clock = _Clock()
+        for i in range(n):
+            await producer.publish(channel, encode(payload(i)))
+        clock.published()
+        await _await_done(done)
+        run = clock.done(n)
+        await task
+    assert got == n, (got, n)
+    return run
+
+
+async def broadcaster_first_subscription(url: str) -> str | None:
+    """Publish once to a `Broadcast`'s first subscription; why nothing arrived, or None."""
+    from broadcaster import Broadcast
+
+    channel = f"bench/{uuid.uuid4().hex}"
+    async with (
+        Broadcast(url) as consumer,
+        Broadcast(url) as producer,
+        consumer.subscribe(channel) as subscriber,
+    ):
+        await producer.publish(channel, b"{}")
+        try:
+            async with asyncio.timeout(2):
+                await subscriber.get()
+        except TimeoutError:
+            return (
+                "its first subscription got nothing in 2 s (listener task waiting for the "
+                "next subscribe)"
+            )
+    return None
+
+
 # -- what each case puts on the wire ----------------------------------------------------------
 
 
@@ -299,7 +436,30 @@ async def body_sizes(url: str) -> dict[str, int]:
                         break
         await pubsub.aclose()  # type: ignore[no-untyped-call]
         await client.aclose()
+    if "faststream" not in ABSENT:
+        sizes["faststream"] = await faststream_body_size(url)
     return sizes
+
+
+async def faststream_body_size(url: str) -> int:
+    """The body length FastStream's ``publish(payload(0))`` puts on the channel."""
+    from faststream.redis import RedisBroker
+
+    channel = f"bench/{uuid.uuid4().hex}"
+    client = aredis.Redis.from_url(url, protocol=2)
+    pubsub = client.pubsub()
+    await pubsub.subscribe(channel)
+    async with RedisBroker(url, logger=None) as broker:  # type: ignore[arg-type]
+        await broker.publish(payload(0), channel=channel)
+    size = 0
+    async with asyncio.timeout(10):
+        while not size:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is not None and message["type"] == "message":
+                size = len(message["data"])
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await client.aclose()
+    return size
 
 
 # -- server accounting ----------------------------------------------------------------------------
@@ -429,6 +589,8 @@ AWAITED = "redis-py awaited PUBLISH"
 PIPELINED = "redis-py pipelined PUBLISH"
 BUS_JSON = "cascade-bus awaited publish (json)"
 BUS_RAW = "cascade-bus awaited publish (raw)"
+FASTSTREAM = "faststream pub/sub"
+BROADCASTER = "broadcaster pub/sub"
 CASES: dict[str, tuple[Case, str]] = {
     AWAITED: (raw_awaited, "redis-py"),
     PIPELINED: (raw_pipelined, "redis-py"),
@@ -436,6 +598,8 @@ CASES: dict[str, tuple[Case, str]] = {
     BUS_RAW: (bus_awaited_raw, "raw"),
     "redis-py streams XADD+XREADGROUP": (raw_streams, "redis-py"),
     "cascade-bus QoS 1 (streams)": (bus_qos1, "json"),
+    FASTSTREAM: (faststream_case, "faststream"),
+    BROADCASTER: (broadcaster_case, "redis-py"),
 }
 SHORT = {
     AWAITED: "awaited",
@@ -444,7 +608,11 @@ SHORT = {
     BUS_RAW: "bus-raw",
     "redis-py streams XADD+XREADGROUP": "streams",
     "cascade-bus QoS 1 (streams)": "bus-qos1",
+    FASTSTREAM: "faststream",
+    BROADCASTER: "broadcaster",
 }
+#: Cases of other libraries: optional (name in `ABSENT` -> no row), the awaited loop's count.
+LIBRARIES = {FASTSTREAM: "faststream", BROADCASTER: "broadcaster"}
 
 
 async def main() -> None:
@@ -467,16 +635,19 @@ async def main() -> None:
     args = parser.parse_args()
     n, url = args.messages, args.url
     wanted = set(args.cases.split(","))
-    names = [name for name in CASES if SHORT[name] in wanted]
-    slow_n = max(1000, n // 4)  # the round-trip-bound loop gets fewer messages
-    counts = {name: slow_n if name == AWAITED else n for name in names}
+    versions = check_libraries()
+    names = [
+        name for name in CASES if SHORT[name] in wanted and LIBRARIES.get(name, "") not in ABSENT
+    ]
+    slow_n = max(1000, n // 4)  # the round-trip-bound loops get fewer messages
+    counts = {name: slow_n if name == AWAITED or name in LIBRARIES else n for name in names}
 
     control = aredis.Redis.from_url(url, protocol=2)
     prefix = f"bench{uuid.uuid4().hex[:12]}:"
     BUS_OPTIONS["prefix"] = prefix
     await add_routes(control, prefix, args.routes)
     try:
-        await run(args, control, names, counts, slow_n)
+        await run(args, control, names, counts, slow_n, versions)
     finally:
         await remove_keys(control, prefix)
         await control.aclose()
@@ -488,8 +659,20 @@ async def run(
     names: list[str],
     counts: dict[str, int],
     slow_n: int,
+    versions: dict[str, str],
 ) -> None:
     n, url, rounds = args.messages, args.url, args.rounds
+    notes = []
+    if BROADCASTER in names:
+        why = await broadcaster_first_subscription(url)
+        BROADCASTER_RESTART["needed"] = why is not None
+        if why:
+            notes.append(
+                f"broadcaster {versions['broadcaster']}: {why}; its row subscribes a second "
+                "channel right after the first, which restarts the listener"
+            )
+        else:
+            notes.append(f"broadcaster {versions['broadcaster']}: first subscription delivers")
     sizes = await body_sizes(url)
     for name in names:  # warm-up: imports, script load, connection set-up
         await CASES[name][0](url, max(200, counts[name] // 10))
@@ -510,10 +693,16 @@ async def run(
 
     print(f"\nRedis {url}; adapter from {cascade_bus_redis.__file__}")
     print(f"bus key prefix {BUS_OPTIONS['prefix']!r} with {args.routes} other stream route(s)")
+    slow = ", ".join(SHORT[name] for name in names if counts[name] != n) or "none"
     print(
-        f"{n:,} messages per case (awaited redis-py loop: {slow_n:,}), {rounds} rounds "
-        "interleaved; median (min-max) over the rounds"
+        f"{n:,} messages per case (the awaited loops, here {slow}: {slow_n:,}), "
+        f"{rounds} rounds interleaved; median (min-max) over the rounds"
     )
+    others = [f"{lib} {versions[lib]}" for lib in LIBRARIES.values() if lib in versions]
+    if others:
+        print(f"other libraries: {', '.join(others)} (redis-py {redis.__version__})")
+    for note in notes:
+        print(note)
     print("end-to-end = first publish until the subscriber had all; CPU per message\n")
     width = max((len(name) for name in names), default=40) + 1
     head = (
@@ -531,6 +720,9 @@ async def run(
             f"{spread([s.run.cpu / s.run.n for s in runs], us):>20} | "
             f"{spread([s.server_cpu / s.run.n for s in runs], us):>20}"
         )
+    for name, lib in LIBRARIES.items():
+        if lib in ABSENT and SHORT[name] in args.cases.split(","):
+            print(f"{name:<{width}}| absent: {lib} {ABSENT[lib]}")
 
     print("\nserver command time per message (INFO commandstats; usec_per_call in brackets):")
     for name in names:
@@ -574,6 +766,27 @@ async def run(
             ar = ratios(bus, AWAITED, rate)
             print(f"  {bus} / awaited redis-py: rate {spread(ar, x)}x")
             checks.append((f">= 4x the awaited loop ({bus}): {spread(ar, x)}x", min(ar) >= 4))
+    for lib in LIBRARIES:
+        if lib not in samples:
+            continue
+        if PIPELINED in samples:
+            rr = ratios(lib, PIPELINED, rate)
+            cr = ratios(lib, PIPELINED, cpu)
+            print(
+                f"  {lib} / pipelined redis-py: rate {spread(rr, x)}x, "
+                f"client CPU per message {spread(cr, x)}x"
+            )
+        if AWAITED in samples:
+            ar = ratios(lib, AWAITED, rate)
+            cr = ratios(lib, AWAITED, cpu)
+            print(
+                f"  {lib} / awaited redis-py: rate {spread(ar, x)}x, "
+                f"client CPU per message {spread(cr, x)}x"
+            )
+        for bus in (BUS_JSON, BUS_RAW):
+            if bus in samples:
+                br = ratios(bus, lib, rate)
+                print(f"  {bus} / {lib}: rate {spread(br, x)}x")
     if raw_lat:
         print("\nlatency (publish -> handler), microseconds, median (min-max) over the rounds:")
         for label, runs_lat in (
