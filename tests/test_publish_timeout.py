@@ -29,6 +29,7 @@ class SilentBroker(Transport):
     def __init__(self, url: BusURL, options: Mapping[str, Any], *, futures: bool) -> None:
         super().__init__(url, options)
         self.confirming = False
+        self.refusing = False
         self.pending: list[asyncio.Future[None]] = []
         if futures:
             self.publish_nowait = self._publish_nowait
@@ -41,7 +42,9 @@ class SilentBroker(Transport):
 
     def _confirmation(self) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self.confirming:
+        if self.refusing:
+            fut.set_exception(PublishError("refused by the broker", reason="publish_failed"))
+        elif self.confirming:
             fut.set_result(None)
         self.pending.append(fut)
         return fut
@@ -82,6 +85,17 @@ async def test_an_unconfirmed_qos1_publish_fails_after_publish_timeout(futures: 
         stats = bus.stats()
     assert stats.dropped == {DropReason.PUBLISH_FAILED: 1}
     assert stats.published == 100
+
+
+@pytest.mark.parametrize("futures", [True, False], ids=["future", "coroutine"])
+async def test_a_refusal_from_the_transport_names_the_topic(futures: bool) -> None:
+    transport = SilentBroker(BusURL("silent://"), {}, futures=futures)
+    transport.refusing = True
+    async with Bus(transport=transport) as bus:
+        with pytest.raises(PublishError, match="refused by the broker") as info:
+            await bus.publish("a/b", {"n": 1}, qos=1)
+        assert info.value.topic == "a/b"
+        assert bus.stats().dropped == {DropReason.PUBLISH_FAILED: 1}
 
 
 async def test_deadlines_fail_only_what_is_still_pending_in_order() -> None:

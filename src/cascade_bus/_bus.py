@@ -543,6 +543,8 @@ class Bus:
                 await pending
         except BusError as exc:
             self._stats.drop(_reason_for(exc))
+            if isinstance(exc, PublishError) and exc.topic is None:
+                exc.topic = topic  # a transport's future may not know it
             raise
         except TimeoutError:
             self._stats.drop(DropReason.PUBLISH_FAILED)
