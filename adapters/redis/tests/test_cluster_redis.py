@@ -30,6 +30,7 @@ from redis.crc import key_slot
 from cascade_bus import ConnectError, Envelope, InvalidURL, UnsupportedFeature, connect
 from cascade_bus.testing import ConformanceSuite
 from cascade_bus.testing.conformance import WILDCARD_MATRIX, WILDCARD_TOPICS, with_query
+from cascade_bus.testing.runs import RetainedRuns
 
 pytestmark = pytest.mark.redis
 
@@ -419,30 +420,6 @@ async def test_plain_clients_and_junk_on_shard_channels(
 ROUNDS = 200
 
 
-class Runs:
-    """Records (topic, value) for one subscription; each topic must be one unbroken run."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.by_topic: dict[str, list[int]] = {}
-        self.changed = asyncio.Event()
-
-    def __call__(self, env: Envelope[Any]) -> None:
-        self.by_topic.setdefault(env.topic, []).append(env.payload["v"])
-        self.changed.set()
-
-    def complete(self, topics: list[str]) -> bool:
-        return all(self.by_topic.get(t, [0])[-1] == ROUNDS for t in topics)
-
-    def problems(self, topics: list[str]) -> list[str]:
-        out = []
-        for topic in topics:
-            values = self.by_topic.get(topic, [])
-            if values != list(range(values[0] if values else 0, ROUNDS + 1)):
-                out.append(f"{self.name} on {topic}: {values[:3]}...{values[-3:]}")
-        return out
-
-
 @pytest.mark.parametrize("qos", [0, 1])
 async def test_subscribe_during_retained_storm(redis_cluster, open_bus, qos) -> None:
     """Subscribing (exact, narrow pattern, broad pattern) while retained topics on two shard keys
@@ -465,7 +442,7 @@ async def test_subscribe_during_retained_storm(redis_cluster, open_bus, qos) -> 
                 milestones[v * len(milestones) // ROUNDS - 1].set()
             await asyncio.sleep(0)  # let subscribes interleave with the storm, step by step
 
-    runs: list[tuple[Runs, list[str]]] = []
+    runs: list[tuple[RetainedRuns, list[str]]] = []
 
     async def subscriber(i: int) -> None:
         await milestones[i // 3].wait()
@@ -477,7 +454,7 @@ async def test_subscribe_during_retained_storm(redis_cluster, open_bus, qos) -> 
         else:
             pattern, wanted = f"+/r-{uid}/+", topics
         sub_qos = 0 if kind == 2 else qos  # a broad pattern cannot have a stream
-        rec = Runs(f"sub{i} {pattern!r} qos={sub_qos}")
+        rec = RetainedRuns(f"sub{i} {pattern!r} qos={sub_qos}", ROUNDS)
         runs.append((rec, wanted))
         await buses[i % 2].subscribe(pattern, rec, qos=sub_qos)
 

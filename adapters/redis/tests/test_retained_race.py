@@ -9,44 +9,15 @@ subscription; a repeat means one delivered twice (once retained, once live).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
-from cascade_bus import Envelope
+from cascade_bus.testing.runs import RetainedRuns
 
 pytestmark = pytest.mark.redis
 
 ROUNDS = 300
 TOPICS = 4
-
-
-class Runs:
-    """Records (topic, value) per subscription and checks the runs."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.by_topic: dict[str, list[int]] = {}
-        self.changed = asyncio.Event()
-
-    def __call__(self, env: Envelope[Any]) -> None:
-        self.by_topic.setdefault(env.topic, []).append(env.payload["v"])
-        self.changed.set()
-
-    def complete(self, topics: list[str]) -> bool:
-        return all(self.by_topic.get(t, [0])[-1] == ROUNDS for t in topics)
-
-    def problems(self, topics: list[str]) -> list[str]:
-        out = []
-        for topic in topics:
-            values = self.by_topic.get(topic, [])
-            if not values:
-                out.append(f"{self.name}: nothing on {topic}")
-                continue
-            expected = list(range(values[0], ROUNDS + 1))
-            if values != expected:
-                out.append(f"{self.name} on {topic}: {values[:3]}...{values[-3:]} has gaps/repeats")
-        return out
 
 
 @pytest.mark.parametrize("qos", [0, 1])
@@ -67,7 +38,7 @@ async def test_subscribe_during_retained_storm(redis_url, open_bus, prefix, qos)
                 milestones[v * len(milestones) // ROUNDS - 1].set()
             await asyncio.sleep(0)  # let subscribes interleave with the storm, step by step
 
-    runs: list[tuple[Runs, list[str]]] = []
+    runs: list[tuple[RetainedRuns, list[str]]] = []
 
     async def subscriber(i: int) -> None:
         await milestones[i // 2].wait()
@@ -78,7 +49,7 @@ async def test_subscribe_during_retained_storm(redis_url, open_bus, prefix, qos)
             pattern, wanted = f"{prefix}/r/+", topics
         else:
             pattern, wanted = f"{prefix}/#", topics
-        rec = Runs(f"sub{i} {pattern!r} qos={qos}")
+        rec = RetainedRuns(f"sub{i} {pattern!r} qos={qos}", ROUNDS)
         runs.append((rec, wanted))
         await bus.subscribe(pattern, rec, qos=qos)
 
