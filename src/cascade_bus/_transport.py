@@ -226,6 +226,10 @@ class NetworkTransport(Transport):
         self._up = asyncio.Event()
         self._state_changed = asyncio.Event()
 
+    def __repr__(self) -> str:
+        state = "connected" if self._connected else "disconnected"
+        return f"<{type(self).__name__} {self.url.redacted()} {state}>"
+
     @property
     def connected(self) -> bool:
         """True while the connection to the broker is up (False while reconnecting)."""

@@ -740,10 +740,6 @@ class MqttTransport(NetworkTransport):
         self._warned_unclaimed = False
         self._held_more = asyncio.Event()
 
-    def __repr__(self) -> str:
-        state = "connected" if self._connected else "disconnected"
-        return f"<MqttTransport {self.url.redacted()} {state}>"
-
     def presence_payload(self, online: bool) -> bytes:
         """The retained body on ``presence_topic``: ``{"online": <bool>, "client_id": <id>}``."""
         return msgspec.json.encode({"online": online, "client_id": self._opts.client_id})

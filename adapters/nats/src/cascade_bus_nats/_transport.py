@@ -587,10 +587,6 @@ class NatsTransport(NetworkTransport):
         self._warned_slow = False
         self._js_ready = False
 
-    def __repr__(self) -> str:
-        state = "connected" if self._connected else "disconnected"
-        return f"<NatsTransport {self.url.redacted()} {state}>"
-
     # -- state ---------------------------------------------------------------------------------
 
     @property

@@ -210,10 +210,6 @@ class RedisClusterTransport(RedisTransport):
         self._maxlen_b = str(o.stream_maxlen).encode()
         self._broad_sha = b""
 
-    def __repr__(self) -> str:
-        state = "connected" if self._connected else "disconnected"
-        return f"<RedisClusterTransport {self.url.redacted()} {state}>"
-
     # -- naming ----------------------------------------------------------------------------------
 
     def _ns(self, key: str) -> bytes:

@@ -384,10 +384,6 @@ class RedisTransport(NetworkTransport):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reported_failure = False
 
-    def __repr__(self) -> str:
-        state = "connected" if self._connected else "disconnected"
-        return f"<RedisTransport {self.url.redacted()} {state}>"
-
     # -- small public helpers (tests, health checks) ---------------------------------------------
 
     @property
