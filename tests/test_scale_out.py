@@ -172,6 +172,10 @@ def _dropped(results: Results, names: list[str]) -> int:
     return sum(sum(results.finals[n]["stats"]["dropped"].values()) for n in names)
 
 
+def _drops_by_worker(results: Results, names: list[str]) -> dict[str, dict[str, int]]:
+    return {n: results.finals[n]["stats"]["dropped"] for n in names}
+
+
 def _report(what: str, results: Results, **extra: object) -> None:
     split = " ".join(f"{w}={results.by_worker[w]}" for w in sorted(results.by_worker))
     more = " ".join(f"{k}={v}" for k, v in extra.items())
@@ -296,7 +300,10 @@ async def test_qos0_at_most_once_losses_counted(
     _report(f"{transport} QoS 0", results, lost=lost, counted_drops=counted, by_broker=by_broker)
     assert results.total == len(results.handled), "a QoS 0 message was handled twice"
     assert set(results.handled) <= set(range(N_MESSAGES))
-    assert lost == counted, f"{lost} lost, {counted} counted as dropped"
+    assert lost == counted, (
+        f"{lost} lost, {counted} counted as dropped: publisher {published.dropped}, "
+        f"workers {_drops_by_worker(results, NAMES)}, broker {by_broker}"
+    )
     assert all(results.by_worker[n] > 0 for n in NAMES), dict(results.by_worker)
 
 

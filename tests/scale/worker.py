@@ -17,9 +17,10 @@ subscribes to PATTERN with ``queue=QUEUE`` at QoS QOS, prints ``ready`` on stdou
 ``--work io:MS`` awaits ``asyncio.sleep(MS / 1000)`` per message (an I/O-bound handler, e.g. a
 database call); ``--work cpu:MS`` burns MS milliseconds of CPU per message.
 
-On SIGTERM (or when stdin reaches EOF: the parent went away) it unsubscribes, publishes
-``{"w": name, "final": true, "stats": {...}}`` (its ``bus.stats()``) at QoS 1 to RESULT_TOPIC,
-closes the bus and exits 0. SIGKILL just kills it (the crash case of the tests).
+On SIGTERM (or when stdin reaches EOF: the parent went away) it closes the subscribing bus
+(the handler in flight finishes), publishes ``{"w": name, "final": true, "stats": {...}}``
+(that bus's ``stats()``) at QoS 1 to RESULT_TOPIC and exits 0. SIGKILL just kills it (the
+crash case of the tests).
 
 Records go out on a second bus (``--result-url``, default URL): the measurement channel then
 never waits behind the subscription's connection (a full subscription pauses reading it, which
@@ -124,7 +125,7 @@ async def run(args: argparse.Namespace) -> None:
                 seq = env.payload["seq"]
                 await out.publish(result_topic, {"w": name, "seq": seq}, qos=1)
 
-        sub = await bus.subscribe(
+        await bus.subscribe(
             args.pattern,
             handle,
             queue=args.queue,
@@ -141,7 +142,10 @@ async def run(args: argparse.Namespace) -> None:
             reporter.cancel()
             await asyncio.gather(reporter, return_exceptions=True)
             await out.publish(result_topic, {"w": name, "n": count}, qos=1)
-        await sub.unsubscribe()
+        # A graceful stop, as a service does on SIGTERM: close() lets the handler in flight
+        # finish (unsubscribe() would cancel it and count its message as dropped even though
+        # its record may already be out), then the counters are final.
+        await bus.close()
         stats = bus.stats()
         final = {
             "w": name,
