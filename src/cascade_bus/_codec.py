@@ -48,6 +48,11 @@ _EMPTY: bytes = b""
 _OWN_JSON = b'{"specversion":"1.0"'
 
 
+def local_payload_encoder(msgpack: bool) -> Callable[[Any], bytes]:
+    """The encoder of `Codec.local`'s payload body, for a bus that inlines it."""
+    return (_msgpack_encoder if msgpack else _json_encoder).encode
+
+
 def check_format(value: object) -> WireFormat:
     """Validate a ``format`` option.
 

@@ -238,8 +238,7 @@ class MemoryTransport(Transport):
             reply_to = local[0].reply_to
             if reply_to and self.on_no_responders is not None:
                 self.on_no_responders(reply_to)
-        message = Message(topic, b"", None, qos=qos)
-        message.local = local
+        message = Message(topic, b"", None, False, qos, None, local)  # positional: ~20 ns less
         full: list[MessageSink] | None = None
         for deliver in route.delivers:
             if not deliver(message):
