@@ -488,7 +488,11 @@ class Subscription(Generic[T]):
         await self.unsubscribe()
 
     async def unsubscribe(self) -> None:
-        """Stop the subscription; messages still queued are dropped and counted. Idempotent."""
+        """Stop the subscription now; messages still queued are dropped and counted. Idempotent.
+
+        A handler still running is cancelled and its message counted as ``unsubscribed`` too;
+        `Bus.close` is the graceful stop (running handlers finish, bounded).
+        """
         if self._closed:
             return
         await self._shutdown(drain=0.0, reason=DropReason.UNSUBSCRIBED)
