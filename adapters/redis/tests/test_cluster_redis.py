@@ -501,6 +501,10 @@ async def test_cut_links_reconnect_resubscribe_and_resync(redis_cluster, open_bu
     await kit.wait_disconnected(subscriber)
     await publisher.publish(state, {"v": 2}, retain=True)  # while it is away (or just back)
     await kit.wait_connected(subscriber, reconnects=1)
+    # The resync delivers the change before anything newer is published: a newer value
+    # arriving during the resync would rightly supersede it (retained = the latest value).
+    for inbox in (exact, narrow, broad):
+        await inbox.wait_until(lambda inbox=inbox: {"v": 2} in inbox.payloads, "the change")
     jobs = asyncio.gather(*(publisher.publish(f"jobs-{uid}/{i % 5}", i, qos=1) for i in range(500)))
     cut(publisher)
     await jobs
