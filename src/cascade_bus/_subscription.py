@@ -297,7 +297,7 @@ class Subscription(Generic[T]):
                 await waiter
                 continue
             message = buf.popleft()
-            if self._room is not None:
+            if self._room is not None and len(buf) <= self._low:
                 self._made_room()
             try:
                 local = message.local
