@@ -30,7 +30,7 @@ from redis.crc import key_slot
 from cascade_bus import ConnectError, Envelope, InvalidURL, UnsupportedFeature, connect
 from cascade_bus.testing import ConformanceSuite
 from cascade_bus.testing.conformance import WILDCARD_MATRIX, WILDCARD_TOPICS, with_query
-from cascade_bus.testing.runs import RetainedRuns
+from cascade_bus.testing.runs import RetainedRuns, retained_storm
 
 pytestmark = pytest.mark.redis
 
@@ -434,14 +434,6 @@ async def test_subscribe_during_retained_storm(redis_cluster, open_bus, qos) -> 
     await publisher.flush()
     milestones = [asyncio.Event() for _ in range(10)]
 
-    async def produce() -> None:
-        for v in range(1, ROUNDS + 1):
-            for topic in topics:
-                await publisher.publish(topic, {"v": v}, retain=True, qos=qos)
-            if v % (ROUNDS // len(milestones)) == 0:
-                milestones[v * len(milestones) // ROUNDS - 1].set()
-            await asyncio.sleep(0)  # let subscribes interleave with the storm, step by step
-
     runs: list[tuple[RetainedRuns, list[str]]] = []
 
     async def subscriber(i: int) -> None:
@@ -459,7 +451,10 @@ async def test_subscribe_during_retained_storm(redis_cluster, open_bus, qos) -> 
         await buses[i % 2].subscribe(pattern, rec, qos=sub_qos)
 
     async with asyncio.timeout(60):
-        await asyncio.gather(produce(), *(subscriber(i) for i in range(3 * len(milestones) - 3)))
+        await asyncio.gather(
+            retained_storm(publisher, topics, ROUNDS, milestones, qos),
+            *(subscriber(i) for i in range(3 * len(milestones) - 3)),
+        )
         await publisher.flush()
         for rec, wanted in runs:
             while not rec.complete(wanted):

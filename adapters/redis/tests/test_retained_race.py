@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from cascade_bus.testing.runs import RetainedRuns
+from cascade_bus.testing.runs import RetainedRuns, retained_storm
 
 pytestmark = pytest.mark.redis
 
@@ -30,14 +30,6 @@ async def test_subscribe_during_retained_storm(redis_url, open_bus, prefix, qos)
     await publisher.flush()
     milestones = [asyncio.Event() for _ in range(12)]
 
-    async def produce() -> None:
-        for v in range(1, ROUNDS + 1):
-            for topic in topics:
-                await publisher.publish(topic, {"v": v}, retain=True, qos=qos)
-            if v % (ROUNDS // len(milestones)) == 0:
-                milestones[v * len(milestones) // ROUNDS - 1].set()
-            await asyncio.sleep(0)  # let subscribes interleave with the storm, step by step
-
     runs: list[tuple[RetainedRuns, list[str]]] = []
 
     async def subscriber(i: int) -> None:
@@ -54,7 +46,10 @@ async def test_subscribe_during_retained_storm(redis_url, open_bus, prefix, qos)
         await bus.subscribe(pattern, rec, qos=qos)
 
     async with asyncio.timeout(30):
-        await asyncio.gather(produce(), *(subscriber(i) for i in range(2 * len(milestones) - 2)))
+        await asyncio.gather(
+            retained_storm(publisher, topics, ROUNDS, milestones, qos),
+            *(subscriber(i) for i in range(2 * len(milestones) - 2)),
+        )
         await publisher.flush()
         for rec, wanted in runs:
             while not rec.complete(wanted):

@@ -1,4 +1,6 @@
-"""`RetainedRuns`: checks that a subscription saw each topic's values as one unbroken run.
+"""`RetainedRuns` and `retained_storm`: a new subscription racing a stream of retained writes.
+
+`RetainedRuns` checks that a subscription saw each topic's values as one unbroken run.
 
 For retained-race tests: while a publisher rewrites retained topics with 0, 1, ..., ``last``,
 a new subscription must see, per topic, the retained value and then every later one, with no
@@ -10,9 +12,25 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from cascade_bus import Envelope
+from cascade_bus import Bus, Envelope
 
-__all__ = ["RetainedRuns"]
+__all__ = ["RetainedRuns", "retained_storm"]
+
+
+async def retained_storm(
+    publisher: Bus, topics: list[str], rounds: int, milestones: list[asyncio.Event], qos: int
+) -> None:
+    """Write ``{"v": 1}`` .. ``{"v": rounds}`` retained to every topic, round by round.
+
+    Sets ``milestones`` evenly along the way (for subscribers to start at) and yields after
+    each round, so that subscribes interleave with the storm step by step.
+    """
+    for v in range(1, rounds + 1):
+        for topic in topics:
+            await publisher.publish(topic, {"v": v}, retain=True, qos=qos)
+        if v % (rounds // len(milestones)) == 0:
+            milestones[v * len(milestones) // rounds - 1].set()
+        await asyncio.sleep(0)
 
 
 class RetainedRuns:
