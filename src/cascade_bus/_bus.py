@@ -61,6 +61,7 @@ _BUS_OPTIONS = frozenset(
         "flow_timeout",
         "retained_timeout",
         "inbox_prefix",
+        "dedupe",
     }
 )
 
@@ -102,6 +103,8 @@ class Bus:
     - ``connect_timeout``, ``publish_timeout``, ``subscribe_timeout``, ``close_timeout``,
       ``flow_timeout``, ``retained_timeout``: bounds, in seconds, for every wait in the bus.
     - ``inbox_prefix``: topic prefix for request/reply inboxes (``_inbox``).
+    - ``dedupe``: suppress a message whose envelope id each subscription saw among its last
+      ``dedupe`` messages (0, the default: off); suppressed ones count as duplicates.
 
     Raises:
         UnknownScheme: no transport is installed for the URL's scheme.
@@ -150,6 +153,9 @@ class Bus:
         self._buffer_size = parse_int("buffer_size", bus_options.get("buffer_size", 10_000))
         if self._buffer_size < 1:
             raise InvalidURL("buffer_size must be at least 1")
+        self._dedupe = parse_int("dedupe", bus_options.get("dedupe", 0))
+        if self._dedupe < 0:
+            raise InvalidURL("dedupe must be 0 (off) or a window size >= 1")
         self._connect_timeout = parse_float(
             "connect_timeout", bus_options.get("connect_timeout", 10.0)
         )
@@ -740,6 +746,7 @@ class Bus:
             retries=retries,
             retry_delay=retry_delay,
             dead_letter=dead_letter,
+            dedupe=self._dedupe,
         )
         for item in middleware:
             if not isinstance(item, Middleware):

@@ -22,6 +22,7 @@ class DropReason:
     PUBLISH_FAILED = "publish_failed"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     NO_SUBSCRIBER = "no_subscriber"
+    DUPLICATE = "duplicate"
 
 
 class Stats(msgspec.Struct, frozen=True, kw_only=True):

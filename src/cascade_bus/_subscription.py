@@ -20,6 +20,7 @@ import msgspec
 from ._envelope import Envelope
 from ._errors import BusClosed, DecodeError
 from ._middleware import Next, Step, compose
+from ._retained import RetainedLedger
 from ._stats import DropReason
 from ._topics import topic_matches
 from ._transport import Message, TransportSubscription
@@ -55,11 +56,14 @@ class SubscriptionPolicy:
         retry_delay: Seconds before the first retry, doubling for each further one.
         dead_letter: A topic that receives the message (headers ``x-death-*`` say why) once
             every attempt failed; without one, the failure is counted as ``handler_error``.
+        dedupe: Skip a message whose envelope id was among the last ``dedupe`` ones this
+            subscription handled (0: off); each skip counts as a duplicate.
     """
 
     __slots__ = (
         "buffer_size",
         "dead_letter",
+        "dedupe",
         "max_concurrency",
         "overflow",
         "retries",
@@ -75,6 +79,7 @@ class SubscriptionPolicy:
         retries: int = 0,
         retry_delay: float = 0.1,
         dead_letter: str | None = None,
+        dedupe: int = 0,
     ) -> None:
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow={overflow!r}: use one of {', '.join(OVERFLOW_POLICIES)}")
@@ -88,6 +93,7 @@ class SubscriptionPolicy:
         self.retries = retries
         self.retry_delay = retry_delay
         self.dead_letter = dead_letter
+        self.dedupe = dedupe
 
 
 log = logging.getLogger("cascade_bus")
@@ -167,6 +173,9 @@ class Subscription(Generic[T]):
         self._pending_ack: Message | None = None
         self._task: asyncio.Task[None] | None = None
         self._transport_sub: TransportSubscription | None = None
+        # Created on the first retained message from a broker (never on memory://'s
+        # in-process path): live messages pay one None check until then.
+        self._ledger: RetainedLedger | None = None
 
     def __repr__(self) -> str:
         mode = "handler" if self._handler is not None else "iterator"
@@ -195,6 +204,14 @@ class Subscription(Generic[T]):
         if self._filter is not None and not topic_matches(self._filter, message.topic):
             self._release(message)
             return True
+        ledger = self._ledger
+        if ledger is not None:
+            if (message.retained or message.topic in ledger.known) and not ledger.note(message):
+                self._release(message)  # a resync replay of a value already handled
+                return True
+        elif message.retained and message.local is None and self.queue is None:
+            self._ledger = ledger = RetainedLedger()
+            ledger.note(message)
         buf = self._buf
         if len(buf) >= self._cap:
             self._stats.drop(DropReason.OVERFLOW)
@@ -218,6 +235,19 @@ class Subscription(Generic[T]):
             if not waiter.done():
                 waiter.set_result(None)
         return len(buf) < self._high or self._overflow != "block"
+
+    def resync_begin(self) -> None:
+        """A reconnect's retained replay follows (see `MessageSink.resync_begin`)."""
+        if self.queue is None:
+            if self._ledger is None:
+                self._ledger = RetainedLedger()
+            self._ledger.begin()
+
+    def resync_end(self) -> None:
+        """Deliver a clear for each retained topic cleared while away (`MessageSink`)."""
+        if self._ledger is not None:
+            for topic in self._ledger.end():
+                self.deliver(Message(topic, b"", retained=True))
 
     def _release(self, message: Message) -> None:
         """Acknowledge now a message that will not be acknowledged after a handler ran.
@@ -288,6 +318,7 @@ class Subscription(Generic[T]):
         stats = self._stats
         report = self._bus._report
         sem = self._sem
+        seen_ids: dict[str, None] | None = {} if self._policy.dedupe else None
         loop = asyncio.get_running_loop()
         while True:
             if not buf:
@@ -316,6 +347,9 @@ class Subscription(Generic[T]):
                 report(_as_decode_error(exc, message.topic), message.topic, None)
                 await self._finish(message)
                 continue
+            if seen_ids is not None and self._seen_before(seen_ids, env.id):
+                await self._finish(message)
+                continue
             if sem is not None:
                 await sem.acquire()
                 task = loop.create_task(self._handle_concurrently(message, env, sem))
@@ -339,6 +373,17 @@ class Subscription(Generic[T]):
                 self._processed += 1  # `_finish` inline: no coroutine per message
             else:
                 await self._finish(message)
+
+    def _seen_before(self, seen_ids: dict[str, None], env_id: str) -> bool:
+        """The ``dedupe`` window: True (counted) for an id among the last ones handled."""
+        if env_id in seen_ids:
+            self._stats.duplicates += 1
+            self._stats.drop(DropReason.DUPLICATE)
+            return True
+        seen_ids[env_id] = None
+        if len(seen_ids) > self._policy.dedupe:
+            del seen_ids[next(iter(seen_ids))]  # oldest first: dicts keep insertion order
+        return False
 
     async def _handle_concurrently(
         self, message: Message, env: Envelope[Any], sem: asyncio.Semaphore

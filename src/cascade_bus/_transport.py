@@ -73,6 +73,22 @@ class MessageSink(Protocol):
     async def ready(self) -> None:
         """Return once the sink has room again (flow control for the receive loop)."""
 
+    def resync_begin(self) -> None:
+        """A reconnect happened: the broker's full retained state for this pattern follows.
+
+        Call it before resubscribing, then deliver every retained message the broker replays
+        (``retained=True``), then call `resync_end`. The sink drops replays of values it has
+        already seen, so the subscriber sees each change made during the outage once. Calling
+        it again before `resync_end` (lost again mid-replay) starts over.
+        """
+
+    def resync_end(self) -> None:
+        """The replay that `resync_begin` announced is complete.
+
+        Topics the subscriber held a retained value for that the replay did not contain were
+        cleared during the outage: the sink delivers a clear (an empty retained body) for each.
+        """
+
 
 class TransportSubscription(abc.ABC):
     """A live subscription at the transport level, returned by `Transport.subscribe`."""

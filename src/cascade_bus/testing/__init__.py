@@ -16,7 +16,9 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if "pytest" in sys.modules:  # rewrite the suite's asserts for readable failures
-    sys.modules["pytest"].register_assert_rewrite("cascade_bus.testing.conformance")
+    sys.modules["pytest"].register_assert_rewrite(
+        "cascade_bus.testing.conformance", "cascade_bus.testing.faults"
+    )
 
 if TYPE_CHECKING:
     from .conformance import Collector, ConformanceSuite, with_query

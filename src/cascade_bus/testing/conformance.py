@@ -33,34 +33,43 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, ClassVar, Protocol
-from urllib.parse import parse_qsl, urlencode
+from typing import Any
 
-import msgspec
 import pytest
-import pytest_asyncio
 
 from .. import (
     Bus,
     BusClosed,
     BusError,
-    Connector,
     DecodeError,
     DropReason,
     EncodeError,
     Envelope,
-    ErrorHook,
     InvalidTopic,
     NoResponders,
     PayloadTooLarge,
     RequestTimeout,
     UnsupportedFeature,
-    connect,
+)
+from ._base import SuiteBase
+from ._helpers import (
+    SENTINEL_KEY,
+    BusFactory,
+    CallbackRecorder,
+    Collector,
+    ConnectorFactory,
+    ErrorRecorder,
+    Reading,
+    Signal,
+    is_sentinel,
+    sentinel,
+    with_query,
 )
 
 __all__ = [
+    "SENTINEL_KEY",
     "BusFactory",
     "CallbackRecorder",
     "Collector",
@@ -69,186 +78,11 @@ __all__ = [
     "ErrorRecorder",
     "Reading",
     "Signal",
+    "SuiteBase",
     "is_sentinel",
     "sentinel",
     "with_query",
 ]
-
-#: The key that marks a sentinel payload (see `sentinel`).
-SENTINEL_KEY = "__conformance_sentinel__"
-
-
-def sentinel(token: str = "end") -> dict[str, str]:
-    """Return a sentinel payload: published last, it tells a subscriber it has seen the rest."""
-    return {SENTINEL_KEY: token}
-
-
-def is_sentinel(payload: object, token: str | None = None) -> bool:
-    """Tell whether a payload is a sentinel (with the given token, when one is given)."""
-    if not isinstance(payload, dict) or SENTINEL_KEY not in payload:
-        return False
-    return token is None or payload[SENTINEL_KEY] == token
-
-
-def with_query(url: str, **params: str) -> str:
-    """Return ``url`` with query parameters set, replacing any of the same name.
-
-    ``with_query("memory://x", format="raw")`` is ``"memory://x?format=raw"``;
-    ``with_query("mqtt://h?client_id=a", format="raw")`` is
-    ``"mqtt://h?client_id=a&format=raw"``.
-    """
-    base, _, query = url.partition("?")
-    pairs = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in params]
-    pairs.extend(params.items())
-    return f"{base}?{urlencode(pairs)}" if pairs else base
-
-
-class Reading(msgspec.Struct, frozen=True):
-    """The typed payload the suite decodes into (``type=Reading``)."""
-
-    sensor: str
-    value: float
-
-
-class Signal:
-    """Something a test can wait on: ``notify()`` wakes ``wait_for(predicate)``."""
-
-    def __init__(self) -> None:
-        self._changed = asyncio.Event()
-
-    def notify(self) -> None:
-        """Wake every waiter so it re-checks its predicate."""
-        self._changed.set()
-
-    async def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float) -> None:
-        """Wait (at most ``timeout`` seconds) until ``predicate()`` is true.
-
-        Raises:
-            AssertionError: the predicate stayed false; the message says what was awaited.
-        """
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate():
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            raise AssertionError(
-                f"timed out after {timeout}s waiting for {what}; state: {self.describe()}"
-            ) from None
-
-    def describe(self) -> str:
-        """Say what has been recorded so far (for timeout messages)."""
-        return repr(self)
-
-
-class Collector(Signal):
-    """A subscription handler that records every envelope (a plain, synchronous callable).
-
-    Args:
-        group: Another `Signal` to notify on every envelope as well (to wait on a condition
-            over several collectors).
-    """
-
-    def __init__(self, group: Signal | None = None) -> None:
-        super().__init__()
-        self.envelopes: list[Envelope[Any]] = []
-        self._group = group
-
-    def __call__(self, env: Envelope[Any]) -> None:
-        """Record one envelope (the subscription handler)."""
-        self.envelopes.append(env)
-        self.notify()
-        if self._group is not None:
-            self._group.notify()
-
-    @property
-    def payloads(self) -> list[Any]:
-        """Every payload received, sentinels included, in arrival order."""
-        return [e.payload for e in self.envelopes]
-
-    @property
-    def messages(self) -> list[Envelope[Any]]:
-        """Every envelope received except sentinels, in arrival order."""
-        return [e for e in self.envelopes if not is_sentinel(e.payload)]
-
-    @property
-    def values(self) -> list[Any]:
-        """Every payload received except sentinels, in arrival order."""
-        return [e.payload for e in self.messages]
-
-    def seen_sentinel(self, token: str = "end") -> bool:
-        """Tell whether the sentinel with ``token`` has arrived."""
-        return any(is_sentinel(e.payload, token) for e in self.envelopes)
-
-    async def wait_count(self, count: int, timeout: float) -> None:
-        """Wait until at least ``count`` envelopes (sentinels included) arrived."""
-        await self.wait_for(
-            lambda: len(self.envelopes) >= count, f"{count} message(s)", timeout=timeout
-        )
-
-    async def wait_sentinel(self, timeout: float, token: str = "end") -> None:
-        """Wait until the sentinel with ``token`` arrived."""
-        await self.wait_for(
-            lambda: self.seen_sentinel(token), f"the sentinel {token!r}", timeout=timeout
-        )
-
-    def describe(self) -> str:
-        """Say how many envelopes arrived and show the last few."""
-        tail = [(e.topic, e.payload) for e in self.envelopes[-5:]]
-        return f"{len(self.envelopes)} envelope(s), last: {tail!r}"
-
-
-class ErrorRecorder(Signal):
-    """An ``on_error`` hook that records ``(error, topic, envelope)`` for every call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[Exception, str, Envelope[Any] | None]] = []
-
-    def __call__(self, error: Exception, topic: str, env: Envelope[Any] | None) -> None:
-        """Record one absorbed error (the ``on_error`` hook)."""
-        self.calls.append((error, topic, env))
-        self.notify()
-
-    def describe(self) -> str:
-        """Show the errors recorded."""
-        return repr([(type(e).__name__, t) for e, t, _ in self.calls])
-
-
-class CallbackRecorder(Signal):
-    """A Cascade `Connector` callback that records ``(topic, payload)`` for every call."""
-
-    def __init__(self, keep: Callable[[str], bool] | None = None) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        self._keep = keep
-
-    async def __call__(self, topic: str, payload: dict[str, Any]) -> None:
-        """Record one call (the Connector callback), unless ``keep`` rejects the topic."""
-        if self._keep is None or self._keep(topic):
-            self.calls.append((topic, payload))
-            self.notify()
-
-    def describe(self) -> str:
-        """Show the last few calls."""
-        return f"{len(self.calls)} call(s), last: {self.calls[-5:]!r}"
-
-
-class BusFactory(Protocol):
-    """The ``make_bus`` fixture: ``await make_bus(url=None, on_error=None, **options)``."""
-
-    async def __call__(
-        self, url: str | None = None, /, *, on_error: ErrorHook | None = None, **options: Any
-    ) -> Bus:
-        """Open a bus on ``url`` (default: the transport URL); it is closed after the test."""
-
-
-class ConnectorFactory(Protocol):
-    """The ``make_connector`` fixture: ``make_connector(url=None, **options)``."""
-
-    def __call__(self, url: str | None = None, /, **options: Any) -> Connector:
-        """Build a (not yet connected) Connector; it is disconnected after the test."""
-
 
 #: Payloads that must come back equal and of the same type (bytes stay bytes).
 ROUND_TRIP_PAYLOADS: tuple[Any, ...] = (
@@ -337,151 +171,12 @@ class _Boom(Exception):
     """What the failing handlers raise."""
 
 
-class ConformanceSuite:
+class ConformanceSuite(SuiteBase):
     """The conformance cases; subclass it as ``TestSomething`` and provide the URL.
 
-    Set the class attribute ``url`` or override the ``transport_url`` fixture. Tune
-    ``wait_timeout`` (seconds any single wait may take) for slow brokers.
-
-    Fixtures provided to the cases (and to your own tests in the subclass):
-        transport_url: The URL under test.
-        make_bus: ``await make_bus(url=None, *, on_error=None, **options)`` opens another bus;
-            every bus it made is closed after the test.
-        bus: One open bus on ``transport_url``.
-        unique: A fresh hex id for the test; retained messages under ``conf/<unique>`` and
-            ``cascade/constraints/conf-<unique>`` are cleared after the test.
-        topic: ``conf/<unique>``, the test's private topic prefix.
-        make_connector: Builds Cascade `Connector` objects, disconnected after the test.
+    Set the class attribute ``url`` or override the ``transport_url`` fixture; the fixtures
+    are `SuiteBase`'s (``make_bus``, ``bus``, ``unique``, ``topic``, ``make_connector``).
     """
-
-    pytestmark: ClassVar[list[pytest.MarkDecorator]] = [pytest.mark.asyncio]
-
-    #: The URL under test, unless the subclass overrides the ``transport_url`` fixture.
-    url: ClassVar[str | None] = None
-    #: The longest any single wait in a case may take, in seconds.
-    wait_timeout: ClassVar[float] = 5.0
-    #: Bound for closing the buses and connectors a test opened.
-    close_timeout: ClassVar[float] = 30.0
-    #: Largest ``max_payload`` the oversized-payload case will allocate a message for.
-    max_oversized: ClassVar[int] = 32 * 1024 * 1024
-
-    # -- fixtures --------------------------------------------------------------------------
-
-    @pytest.fixture
-    def transport_url(self) -> str:
-        """The URL under test: the class attribute ``url``; override for another source."""
-        if self.url is None:
-            pytest.fail(
-                f"{type(self).__name__} must set url = '<scheme>://...' or override the "
-                "transport_url fixture"
-            )
-        return self.url
-
-    @pytest_asyncio.fixture
-    async def make_bus(self, transport_url: str) -> AsyncIterator[BusFactory]:
-        """Open extra buses; all of them are closed after the test."""
-        buses: list[Bus] = []
-        timeout = self.wait_timeout
-
-        async def factory(
-            url: str | None = None, /, *, on_error: ErrorHook | None = None, **options: Any
-        ) -> Bus:
-            bus = connect(url or transport_url, on_error=on_error, **options)
-            buses.append(bus)
-            async with asyncio.timeout(timeout):
-                await bus.open()
-            return bus
-
-        try:
-            yield factory
-        finally:
-            async with asyncio.timeout(self.close_timeout):
-                await asyncio.gather(*(b.close() for b in buses))
-
-    @pytest_asyncio.fixture
-    async def bus(self, make_bus: BusFactory) -> Bus:
-        """An open bus on the transport URL, closed after the test."""
-        return await make_bus()
-
-    @pytest_asyncio.fixture
-    async def unique(self, make_bus: BusFactory) -> AsyncIterator[str]:
-        """A fresh id; retained messages under the test's prefixes are cleared afterwards."""
-        hex_id = uuid.uuid4().hex
-        yield hex_id
-        await self._clear_retained(
-            make_bus, (f"conf/{hex_id}/#", f"cascade/constraints/conf-{hex_id}/#")
-        )
-
-    @pytest.fixture
-    def topic(self, unique: str) -> str:
-        """The test's private topic prefix, ``conf/<hex>``."""
-        return f"conf/{unique}"
-
-    @pytest_asyncio.fixture
-    async def make_connector(self, transport_url: str) -> AsyncIterator[ConnectorFactory]:
-        """Build Cascade Connectors; all of them are disconnected after the test."""
-        made: list[Connector] = []
-
-        def factory(url: str | None = None, /, **options: Any) -> Connector:
-            connector = Connector(url or transport_url, **options)
-            made.append(connector)
-            return connector
-
-        try:
-            yield factory
-        finally:
-            async with asyncio.timeout(self.close_timeout):
-                await asyncio.gather(*(c.disconnect() for c in made))
-
-    async def _clear_retained(self, make_bus: BusFactory, patterns: Iterable[str]) -> None:
-        """Publish an empty retained body to every topic that holds one under ``patterns``."""
-        bus = await make_bus()
-        if not (bus.capabilities.retain and bus.capabilities.wildcards):
-            return
-        for pattern in patterns:
-            found = Collector()
-            sub = await bus.subscribe(pattern, found)
-            await sub.unsubscribe()
-            for name in sorted({e.topic for e in found.envelopes if not e.is_clear}):
-                await bus.publish(name, b"", retain=True)
-
-    # -- helpers for the cases ---------------------------------------------------------------
-
-    @staticmethod
-    def require(bus: Bus, *capabilities: str) -> None:
-        """Skip the test unless the transport declares every named capability."""
-        for capability in capabilities:
-            if not bus.capabilities.supports(capability):
-                pytest.skip(f"{bus.url.scheme} lacks capability: {capability}")
-
-    @staticmethod
-    def require_qos(bus: Bus, qos: int) -> None:
-        """Skip the test unless the transport offers ``qos``."""
-        if bus.capabilities.max_qos < qos:
-            pytest.skip(f"{bus.url.scheme} lacks capability: max_qos>={qos}")
-
-    async def assert_still_works(self, bus: Bus, topic: str) -> None:
-        """Check a full round trip on ``bus`` (used after every refused call)."""
-        inbox = Collector()
-        async with bus.subscribe(f"{topic}/still-works", inbox):
-            await bus.publish(f"{topic}/still-works", {"ok": True})
-            await inbox.wait_count(1, self.wait_timeout)
-        assert inbox.payloads == [{"ok": True}]
-
-    @staticmethod
-    async def subscribe_children(
-        bus: Bus, prefix: str, names: Iterable[str], handler: Collector
-    ) -> None:
-        """Subscribe ``handler`` to ``prefix/<name>`` for each of ``names``.
-
-        One ``+`` pattern, or one exact subscription per name where the transport has no
-        wildcards.
-        """
-        if bus.capabilities.wildcards:
-            await bus.subscribe(f"{prefix}/+", handler)
-        else:
-            for name in names:
-                await bus.subscribe(f"{prefix}/{name}", handler)
 
     async def _round_trip(
         self, publisher: Bus, subscriber: Bus, topic: str, payloads: Sequence[Any]
