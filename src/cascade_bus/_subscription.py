@@ -245,9 +245,15 @@ class Subscription(Generic[T]):
 
     def resync_end(self) -> None:
         """Deliver a clear for each retained topic cleared while away (`MessageSink`)."""
-        if self._ledger is not None:
-            for topic in self._ledger.end():
-                self.deliver(Message(topic, b"", retained=True))
+        if self._ledger is None or self._closed:
+            return
+        gone = self._ledger.end()
+        # Past the overflow cap if need be: there are never more clears than retained topics
+        # this subscription held, and the transport cannot be slowed down for them.
+        self._buf.extend(Message(topic, b"", retained=True) for topic in gone)
+        self._received += len(gone)
+        if gone:
+            self._wake()
 
     def _release(self, message: Message) -> None:
         """Acknowledge now a message that will not be acknowledged after a handler ran.

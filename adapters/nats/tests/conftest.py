@@ -18,7 +18,11 @@ from cascade_bus import Bus
 from cascade_bus.testing.inbox import Inbox
 
 #: Small reconnect waits so that fault tests recover in tens of milliseconds.
-FAST_RECONNECT: dict[str, Any] = {"reconnect_wait": 0.02, "connect_attempt_timeout": 1.0}
+FAST_RECONNECT: dict[str, Any] = {
+    "reconnect_min": 0.02,
+    "reconnect_max": 0.2,
+    "connect_attempt_timeout": 1.0,
+}
 #: Upper bound for any single wait in these tests.
 WAIT = 10.0
 

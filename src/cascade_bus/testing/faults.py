@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 import msgspec
@@ -34,7 +36,7 @@ from ._helpers import (
 )
 from .brokers import TcpProxy
 
-__all__ = ["DEFAULT_PORTS", "FaultSuite", "Outage"]
+__all__ = ["DEFAULT_PORTS", "FaultSuite", "Outage", "Restartable"]
 
 #: Ports assumed when a URL names none (the brokers' registered defaults).
 DEFAULT_PORTS: dict[str, int] = {
@@ -65,6 +67,20 @@ class Outage:
         self.url = proxy.rewrite(transport_url)
         """The transport URL through the proxy."""
         self._timeout = timeout
+        self._closers: list[Callable[[], Awaitable[Any]]] = []
+
+    def track(self, close: Callable[[], Awaitable[Any]]) -> None:
+        """Close something behind the proxy before the proxy goes (a bus's ``close``)."""
+        self._closers.append(close)
+
+    async def aclose(self) -> None:
+        """Close what was tracked (while the broker is reachable), then the proxy."""
+        self.proxy.resume()
+        try:
+            async with asyncio.timeout(self._timeout * 3):
+                await asyncio.gather(*(close() for close in self._closers))
+        finally:
+            await self.proxy.aclose()
 
     async def begin(self, *buses: Bus) -> None:
         """Cut every proxied connection, refuse new ones, and wait until ``buses`` noticed."""
@@ -96,6 +112,17 @@ def raw_envelope(topic: str, payload: Any, env_id: str) -> bytes:
     return bytes(msgspec.json.encode(env))
 
 
+class Restartable(Protocol):
+    """A broker process the restart case can restart (`BrokerProcess` is one)."""
+
+    @property
+    def url(self) -> str:
+        """The broker's URL."""
+
+    async def arestart(self) -> Any:
+        """Stop the broker and start it again on the same port and state."""
+
+
 class FaultSuite(SuiteBase):
     """Outage and hostile-input cases; subclass it as ``TestSomethingFaults`` with the URL.
 
@@ -106,6 +133,8 @@ class FaultSuite(SuiteBase):
     #: Options for buses behind the proxy: reconnect fast so cases take milliseconds.
     reconnect_options: ClassVar[dict[str, Any]] = {"reconnect_min": 0.02, "reconnect_max": 0.2}
     wait_timeout: ClassVar[float] = 10.0
+    #: Publishers x messages each in the restart case (10 x 1,000).
+    restart_load: ClassVar[tuple[int, int]] = (10, 1_000)
 
     # -- fixtures and hooks ------------------------------------------------------------------
 
@@ -118,14 +147,33 @@ class FaultSuite(SuiteBase):
             pytest.skip(f"{parts.scheme}:// has no TCP endpoint to cut (no network connection)")
         proxy = TcpProxy(parts.hostname, port)
         await proxy.start()
+        outage = Outage(proxy, transport_url, self.wait_timeout)
         try:
-            yield Outage(proxy, transport_url, self.wait_timeout)
+            yield outage
         finally:
-            await proxy.aclose()
+            await outage.aclose()
+
+    @pytest.fixture
+    def restartable_broker(self) -> Restartable:
+        """A private broker the suite may restart, keeping its state on disk.
+
+        Override with one of the broker fixtures (``private_mosquitto(persistence=True)``, ...);
+        the default skips the restart case.
+        """
+        pytest.skip(
+            f"{type(self).__name__} does not override restartable_broker (the suite cannot "
+            "start a private broker of this kind)"
+        )
+
+    def durable_options(self) -> dict[str, Any]:
+        """Options that make a subscriber's QoS 1 subscription outlive its connection."""
+        return {"client_id": f"faults-{uuid.uuid4().hex[:12]}"}
 
     async def behind(self, make_bus: BusFactory, outage: Outage, **options: Any) -> Bus:
         """Open a bus whose connection goes through the outage's proxy."""
-        return await make_bus(outage.url, **{**self.reconnect_options, **options})
+        bus = await make_bus(outage.url, **{**self.reconnect_options, **options})
+        outage.track(bus.close)
+        return bus
 
     async def send_internal_junk(self, bus: Bus, transport_url: str) -> None:
         """Publish junk, with a plain client, on every channel the transport uses internally.
@@ -189,6 +237,7 @@ class FaultSuite(SuiteBase):
         await controller.publish(f"{base}/run-2", {"paused": True}, retain=True)
         await controller.bus.flush(self.wait_timeout)
         engine = make_connector(outage.url, **self.reconnect_options)
+        outage.track(engine.disconnect)
         await engine.connect()
         assert engine.bus is not None
         calls = CallbackRecorder()
@@ -377,3 +426,70 @@ class FaultSuite(SuiteBase):
         await everything.wait_count(20, self.wait_timeout)
         assert sorted(done["w1"] + done["w2"]) == list(range(20)), done
         assert min(len(v) for v in done.values()) >= 3, done
+
+    # -- broker restarts -----------------------------------------------------------------------
+
+    async def test_qos1_messages_survive_two_broker_restarts(
+        self, make_bus: BusFactory, restartable_broker: Restartable, topic: str
+    ) -> None:
+        """Publishers x QoS 1 messages, the broker restarted twice mid-flow: every one arrives.
+
+        Publishers resend what the broker never acknowledged; the subscriber's durable
+        subscription keeps what arrived while it was away. Duplicates are allowed, counted.
+        """
+        publishers, each = self.restart_load
+        total = publishers * each
+        url = restartable_broker.url
+        seen: set[tuple[int, int]] = set()
+        dups = 0
+        marks = {total // 4: asyncio.Event(), total * 3 // 5: asyncio.Event()}
+        marks[total] = asyncio.Event()
+
+        def record(env: Envelope[Any]) -> None:
+            nonlocal dups
+            key = (env.payload["p"], env.payload["s"])
+            if key in seen:
+                dups += 1
+                return
+            seen.add(key)
+            mark = marks.get(len(seen))
+            if mark is not None:
+                mark.set()
+
+        subscriber = await make_bus(url, **self.reconnect_options, **self.durable_options())
+        self.require_qos(subscriber, 1)
+        await subscriber.subscribe(f"{topic}/#", record, qos=1)
+        pubs = [await make_bus(url, **self.reconnect_options) for _ in range(publishers)]
+
+        async def publish_all(p: int, bus: Bus) -> None:
+            for s in range(each):
+                await bus.publish(f"{topic}/{p}", {"p": p, "s": s}, qos=1)
+
+        started = time.monotonic()
+        restarts: list[int] = []
+        try:
+            async with asyncio.timeout(45):
+                tasks = [asyncio.create_task(publish_all(p, b)) for p, b in enumerate(pubs)]
+                for mark in sorted(marks)[:2]:
+                    await marks[mark].wait()
+                    restarts.append(len(seen))
+                    await restartable_broker.arestart()
+                await asyncio.gather(*tasks)
+                await marks[total].wait()
+        finally:
+            report = (
+                f"restarts at {restarts} received; {len(seen)}/{total} distinct in "
+                f"{time.monotonic() - started:.1f}s; {dups} duplicates handled; subscriber "
+                f"{subscriber.stats()}; publishers {[b.stats() for b in pubs]}"
+            )
+        # Close while the broker still runs (its fixture is torn down before make_bus's).
+        async with asyncio.timeout(self.close_timeout):
+            await asyncio.gather(*(b.close() for b in (subscriber, *pubs)))
+        assert len(seen) == total, report
+        assert subscriber.stats().delivered == total + dups, report
+        assert subscriber.stats().dropped_total == 0, report
+        for bus in pubs:
+            stats = bus.stats()
+            assert stats.published == each, report
+            assert stats.dropped_total == 0, report
+            assert stats.reconnects >= 1, report

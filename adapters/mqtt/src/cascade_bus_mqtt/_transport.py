@@ -10,8 +10,10 @@ paho keeps the rest of the protocol (CONNECT, SUBSCRIBE, incoming PUBLISH, keepa
 Reliability, which aiomqtt 2.x leaves to the user:
 
 - A supervisor task notices a lost connection, reconnects with jittered exponential backoff
-  (a fresh client each time), resubscribes every filter (retained messages replay) and then
-  resends what the broker never acknowledged plus everything published while down.
+  (a fresh client each time), resubscribes every filter and then resends what the broker never
+  acknowledged plus everything published while down. The retained replay of the resubscribe
+  is a resync (`MqttTransport._resubscribe_all`): each subscription gets what changed or
+  appeared while it was away once, a clear for what was cleared, and nothing it already had.
 - While down, publishes go to a bounded offline buffer. QoS>=1 publishes that do not fit raise
   `PublishError`; QoS 0 ones that do not fit are dropped and counted (``offline_overflow``).
 - ``subscribe`` returns only after SUBACK *and* a loopback barrier message published after it
@@ -84,6 +86,8 @@ RESERVED_PREFIX = "_cascade_bus/"
 _MAX_PAYLOAD = 268_435_455  # MQTT's largest remaining length
 _OUT_HIGH = 2048  # paho packets waiting for the socket before a QoS 0 publisher yields
 _BARRIER_ID = 1
+# Bound on the barrier that ends a reconnect's retained replay (see _resubscribe_all).
+_RESYNC_TIMEOUT = 10.0
 _COALESCE_BYTES = 64 * 1024  # at most this much of paho's queue goes into one send
 _NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK/PUBREC reason code (a success code)
 _PUBLISH, _PUBACK, _PUBREC, _PUBREL, _PUBCOMP = 0x30, 0x40, 0x50, 0x60, 0x70
@@ -1560,8 +1564,18 @@ class MqttTransport(NetworkTransport):
 
         Not while one of our QoS>=1 publishes waits for its acknowledgement: that ack comes on
         this socket, and the publisher may be the very handler the full subscription waits on.
+        A QoS 1 barrier does not count: no handler waits on its acknowledgement, and one in
+        flight while a resync's QoS 0 replay arrives would otherwise turn flow control off for
+        the whole replay (overflow instead of waiting for the handler). The presence publish
+        does (its wait for the PUBACK is bounded: a paused socket must not fail a connect).
         """
-        if not wire.alive or self._paused or self._inflight:
+        inflight = self._inflight
+        barrier = self._barrier_topic
+        if (
+            not wire.alive
+            or self._paused
+            or (inflight and any(out.topic != barrier for out in inflight.values()))
+        ):
             self._full.clear()
             return
         loop = asyncio.get_running_loop()
@@ -1601,7 +1615,11 @@ class MqttTransport(NetworkTransport):
                 loop.call_soon(wire.resume)
 
     def _deliver(self, entry: _Entry, message: Message, retained: bool) -> int:
-        """Hand a message to an entry's sinks; return how many took it (each will ack once)."""
+        """Hand a message to an entry's sinks; return how many took it (each will ack once).
+
+        A retained replay goes to the sink being subscribed (``entry.fresh``) alone, or, in a
+        reconnect's resync (no ``fresh`` then), to every sink of the entry.
+        """
         if retained:
             if entry.queue is not None:
                 return 0  # Mosquitto replays retained to shared subscriptions; the bus does not
@@ -1735,5 +1753,49 @@ class MqttTransport(NetworkTransport):
                     log.debug("unsubscribe %r: %r", entry.native, exc)
 
     async def _resubscribe_all(self) -> None:
-        for entry in list(self._entries.values()):
+        """Resubscribe every filter after a reconnect and resync the retained state.
+
+        Every sink of a non-queue entry hears `resync_begin` before the first SUBSCRIBE (with
+        MQTT 3.1.1 a replay reaches every entry whose filter matches, so all of them must be
+        resyncing by then), receives the broker's retained replay as usual (``entry.fresh`` is
+        None: every sink of the entry gets it, see `_deliver`), and hears `resync_end` once a
+        QoS 1 barrier published after the last SUBACK came back. The SUBACK alone is not
+        enough (Mosquitto 2.0 writes it *before* the replay), but the broker queues the replay
+        when it handles the SUBSCRIBE, so the barrier is queued behind all of it (QoS 1: also
+        behind QoS 1 messages waiting for the in-flight window, as a resumed session's
+        backlog). The sinks drop replays of values they already have and report the topics
+        cleared meanwhile.
+
+        Lost again before the barrier returned: this raises, the next attempt begins again,
+        and `resync_end` is never called for an incomplete replay. A barrier that does not
+        come back within ``_RESYNC_TIMEOUT`` (handlers holding the broker's in-flight window
+        with unacknowledged messages, a huge backlog) holds the reconnect up no longer: the
+        replay goes on, deduplicated (the sinks stay in their resync until the next one), but
+        no clears are reported for this outage.
+        """
+        entries = list(self._entries.values())
+        resync = [(entry, list(entry.sinks)) for entry in entries if entry.queue is None]
+        for _entry, sinks in resync:
+            for sink in sinks:
+                sink.resync_begin()
+        for entry in entries:
             await self._subscribe_native(entry.native, entry.qos, entry.sub_id)
+        if not any(sinks for _entry, sinks in resync):
+            return
+        try:
+            async with asyncio.timeout(_RESYNC_TIMEOUT):
+                await self._barrier(1)
+        except TimeoutError:
+            log.warning(
+                "%s did not finish the retained replay within %.0fs of resubscribing; "
+                "topics cleared during the outage are not reported this time",
+                self.url.endpoint(),
+                _RESYNC_TIMEOUT,
+            )
+            return
+        for entry, sinks in resync:
+            if self._entries.get(entry.native) is not entry:
+                continue  # unsubscribed meanwhile: its sinks are closed
+            for sink in sinks:
+                if sink in entry.sinks:
+                    sink.resync_end()

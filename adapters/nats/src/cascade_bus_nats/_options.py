@@ -19,7 +19,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _KNOWN = frozenset(
     {
         "user", "password", "token", "name", "ca_file", "certfile", "keyfile", "tls_verify",
-        "tls_hostname", "reconnect", "reconnect_wait", "connect_attempt_timeout",
+        "tls_hostname", "reconnect", "reconnect_min", "reconnect_max", "reconnect_wait",
+        "connect_attempt_timeout",
         "ping_interval", "max_outstanding_pings", "offline_buffer", "jetstream", "retain",
         "stream", "qos1_prefix", "stream_max_age", "stream_storage", "retain_bucket",
         "stream_retention", "stream_max_bytes",
@@ -42,7 +43,9 @@ class NatsOptions:
     tls: ssl.SSLContext | None
     tls_hostname: str | None
     reconnect: bool
-    reconnect_wait: float
+    reconnect_min: float
+    """The first wait between reconnect attempts (jittered, doubling up to `reconnect_max`)."""
+    reconnect_max: float
     connect_attempt_timeout: float
     ping_interval: float
     max_outstanding_pings: int
@@ -137,6 +140,7 @@ class NatsOptions:
         if max_ack_pending < 1:
             raise InvalidURL("option max_ack_pending must be at least 1")
         replicas = _replicas(opts.get("replicas", "auto"))
+        reconnect_min, reconnect_max = _backoff(opts)
         return cls(
             servers=servers,
             user=None if user is None else str(user),
@@ -146,7 +150,8 @@ class NatsOptions:
             tls=_tls_context(opts) if tls_wanted else None,
             tls_hostname=opts.get("tls_hostname") or None,
             reconnect=parse_bool("reconnect", opts.get("reconnect", True)),
-            reconnect_wait=parse_float("reconnect_wait", opts.get("reconnect_wait", 0.25)),
+            reconnect_min=reconnect_min,
+            reconnect_max=reconnect_max,
             connect_attempt_timeout=parse_float(
                 "connect_attempt_timeout", opts.get("connect_attempt_timeout", 2.0)
             ),
@@ -178,6 +183,19 @@ class NatsOptions:
             client_id=client_id,
             replicas=replicas,
         )
+
+
+def _backoff(opts: Mapping[str, Any]) -> tuple[float, float]:
+    """``reconnect_min`` / ``reconnect_max``, the names every adapter uses.
+
+    ``reconnect_wait`` (deprecated, the adapter's former fixed wait between attempts) is read
+    as both bounds when they are not given: the same fixed wait as before.
+    """
+    wait = opts.get("reconnect_wait")
+    fixed = None if wait is None else parse_float("reconnect_wait", wait)
+    low = parse_float("reconnect_min", opts.get("reconnect_min", 0.05 if fixed is None else fixed))
+    high = parse_float("reconnect_max", opts.get("reconnect_max", 5.0 if fixed is None else fixed))
+    return low, max(low, high)
 
 
 def _replicas(value: Any) -> int:

@@ -11,12 +11,19 @@ QoS 1. Messages published with ``qos=1`` go to ``<qos1_prefix>.<subject>`` (defa
 retention, one hour and 1 GiB by default, so a re-created consumer can resume where it stopped;
 interest retention loses messages across restarts on nats-server 2.9). The publisher waits for
 the stream's acknowledgement; every message carries a ``Nats-Msg-Id``, so a resend after a lost
-acknowledgement is dropped by the stream's duplicate window. A QoS-1 subscription is a durable
-push consumer per native filter (``max_ack_pending`` bounds what is in flight); the bus acks
-each message after its handler ran (`Message.ack`), and a redelivery is counted in
-``stats.duplicates``. A QoS-0 subscription also listens on the prefixed subject with plain core
-NATS, so it sees QoS-1 messages at QoS 0 (MQTT's min(publish, subscribe) rule); a QoS-1
-subscription listens to the plain subject with core NATS for QoS-0 messages.
+acknowledgement is dropped by the stream's duplicate window. While disconnected, a publish (any
+QoS, retained too) returns once the message is in the offline buffer (``offline_buffer``; full:
+QoS 0 dropped and counted, QoS 1 and retained refused with `PublishError`); messages still
+waiting for their acknowledgement when the connection drops join it in front, and their
+publishers stop waiting too. After the reconnect they are sent again in order and confirmed
+(`flush` waits for that); one that fails then is counted (``publish_failed``) and logged.
+
+A QoS-1 subscription is a durable push consumer per native filter (``max_ack_pending`` bounds
+what is in flight); the bus acks each message after its handler ran (`Message.ack`), and a
+redelivery (JetStream's delivery count above 1, on the fast and the public path alike) is
+counted in ``stats.duplicates``. A QoS-0 subscription also listens on the prefixed subject
+with plain core NATS, so it sees QoS-1 messages at QoS 0 (MQTT's min(publish, subscribe) rule);
+a QoS-1 subscription listens to the plain subject with core NATS for QoS-0 messages.
 
 Retained messages (emulated). A retained publish first writes the body (and its headers) to the
 KV bucket ``cascade_retained`` under the key = the NATS subject (an empty body writes a KV delete
@@ -38,6 +45,15 @@ its KV write (done before the live copy was sent) precedes the snapshot read. It
 most once: the revision identifies the live copy of a value the snapshot delivered. Nothing
 else is dropped, and each topic keeps its order. Queue subscriptions get no replay.
 
+Retained resync. When the connection drops, every replaying subscription starts buffering
+(step 1: nats-py replays its SUBs on the new connection before anything can arrive); after the
+reconnect (and the JetStream repair) one task, ``resync``, reads each one's snapshot again and
+hands it over as in steps 3 and 4 between ``sink.resync_begin()`` and ``sink.resync_end()``:
+the sink drops the values it already had and synthesizes a clear for each topic it knew that
+the snapshot no longer holds, so changes made during the outage arrive once. Lost again while
+reading, the task is cancelled and the next reconnect starts over; a snapshot that cannot be
+read is logged and counted (``resync_failures``), and the buffered live messages go on.
+
 Request/reply. A request the bus publishes (its body or, with ``format=raw``, its
 ``ce-replyto`` header names a ``reply_to``) goes out with that inbox as its NATS reply subject;
 any other publish has none. When nothing is subscribed to the request's subject, the server
@@ -51,10 +67,12 @@ go from its read buffer straight to the subscriptions' sinks, publishes straight
 buffer. A sink at its high-water mark makes later messages wait in order in a per-subscription
 backlog while one task awaits ``sink.ready()``; the read loop never blocks.
 
-Reconnect. nats-py reconnects and replays core SUBs; this transport counts it, sends the offline
-buffer again (messages published while disconnected, QoS-1 messages never acknowledged), and
-checks the stream, the bucket and every QoS-1 consumer, re-creating what the server lost (a
-missing consumer restarts from the oldest message it had not acknowledged).
+Reconnect. nats-py reconnects (waiting ``reconnect_min``, doubling with jitter up to
+``reconnect_max``, between attempts on a server) and replays core SUBs; this transport counts
+it, sends the offline buffer again (messages published while disconnected, QoS-1 messages never
+acknowledged), checks the stream, the bucket and every QoS-1 consumer, re-creating what the
+server lost (a missing consumer restarts from the oldest message it had not acknowledged), and
+resyncs the retained state.
 
 Cluster. The stream and the bucket are created with ``replicas`` copies (``auto``: 3 when the
 server is part of a cluster, 1 if JetStream cannot place them or on a single server), so they
@@ -104,6 +122,7 @@ from cascade_bus.spi import (
     NetworkTransport,
     TopicMapper,
     TransportSubscription,
+    backoff_delays,
 )
 
 from ._fastpath import (
@@ -283,33 +302,44 @@ def _header_bytes(headers: Mapping[str, str]) -> int:
 class _Out:
     """A message that must reach the server: waiting for a connection, or for its JetStream ack.
 
-    ``future`` is None for a QoS-0 message held while disconnected; otherwise it resolves to
-    the stream sequence once the stream acknowledged the message.
+    ``confirm``: a JetStream publish, done once the stream acknowledged it; else a core (QoS 0)
+    message held while disconnected. ``future`` is the publisher's (the stream sequence, or
+    the error); it is None once nobody waits: the publish returned when the message entered
+    the offline buffer (``detached``), and a later failure is counted and logged instead.
+    ``then``: for the KV write of a retained value, sends its live copy once the revision is
+    known, handing ``future`` on to it.
     """
 
     __slots__ = (
-        "attempts", "data", "deadline", "future", "headers", "reply", "sent_at", "settled",
-        "subject", "token",
+        "attempts", "confirm", "data", "deadline", "detached", "future", "headers", "reply",
+        "sent_at", "settled", "subject", "then", "token", "topic",
     )  # fmt: skip
 
     def __init__(
         self,
+        topic: str,
         subject: str,
         data: bytes,
         headers: dict[str, str] | None,
         future: asyncio.Future[int] | None,
+        *,
+        confirm: bool,
         reply: str = "",
     ) -> None:
+        self.topic = topic
         self.subject = subject
         self.data = data
         self.headers = headers
         self.future = future
+        self.confirm = confirm
         self.reply = reply  # a held request's NATS reply subject (QoS 0 only)
         self.token = ""
         self.attempts = 0
         self.sent_at = 0.0
-        self.deadline = 0.0
-        self.settled = future is None
+        self.deadline = 0.0  # set by its next send: ``qos1_timeout`` from then on
+        self.settled = not confirm
+        self.detached = False
+        self.then: Callable[[_Out, int], None] | None = None
 
 
 class _Ack:
@@ -378,6 +408,10 @@ class _Entry(TransportSubscription):
         self.seen: dict[str, int] = {}
         self.backlog: deque[Message] = deque()
         self.waiting = False  # a task waits for the sink; new messages go to the backlog
+        self.drainer: asyncio.Future[Any] | None = None  # that task
+        # Lost the connection: the retained resync after the reconnect is still to be done
+        # (``buffer`` holds what arrives meanwhile).
+        self.resync = False
         self.closed = False
 
     def __repr__(self) -> str:
@@ -413,8 +447,17 @@ class _Entry(TransportSubscription):
             backlog.append(message)
             return
         if not self.sink.deliver(message):
-            self.waiting = True
-            self.transport._spawn(self._drain(), "flow-control")
+            self._start_drain()
+
+    def _start_drain(self) -> None:
+        self.waiting = True
+        self.drainer = self.transport._spawn(self._drain(), "flow-control")
+
+    def release(self) -> None:
+        """End buffering: hand on what arrived meanwhile (stale live copies dropped)."""
+        buffered, self.buffer = self.buffer, None
+        for rev, message in buffered or ():
+            self.feed(message, rev)
 
     async def _drain(self) -> None:
         sink = self.sink
@@ -454,8 +497,7 @@ class _Entry(TransportSubscription):
         message = Message(topic_from_subject(subject), data, headers)
         if rev is None and self.buffer is None and not self.waiting:
             if not self.sink.deliver(message):
-                self.waiting = True
-                self.transport._spawn(self._drain(), "flow-control")
+                self._start_drain()
             return
         self.feed(message, rev)
 
@@ -528,7 +570,8 @@ class NatsTransport(NetworkTransport):
     Options (URL query or keyword): ``user``/``password``/``token`` (instead of the URL's
     userinfo), ``name`` (connection name), ``ca_file``/``certfile``/``keyfile``/``tls_verify``/
     ``tls_hostname`` (TLS; any of the files, or the ``tls://`` scheme, turns it on),
-    ``reconnect`` (true), ``reconnect_wait`` (0.25 s between attempts per server),
+    ``reconnect`` (true), ``reconnect_min``/``reconnect_max`` (0.05 s / 5 s: the jittered,
+    doubling wait between attempts on a server; ``reconnect_wait``, deprecated, sets both),
     ``connect_attempt_timeout`` (2 s), ``ping_interval`` (20 s), ``max_outstanding_pings`` (2),
     ``randomize`` (false: try servers in URL order), ``offline_buffer`` (10,000 messages held
     while disconnected), ``jetstream`` (true; false = core NATS only: QoS 0, no retained),
@@ -583,6 +626,10 @@ class NatsTransport(NetworkTransport):
         self._recovery: asyncio.Future[Any] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._recover_again = False
+        self._resync_task: asyncio.Future[Any] | None = None
+        self.resync_failures = 0
+        """Retained resyncs after a reconnect that failed (logged; live messages went on)."""
+        self._backoff = backoff_delays(opts.reconnect_min, opts.reconnect_max)
         self._background: set[asyncio.Future[Any]] = set()
         self._warned_slow = False
         self._js_ready = False
@@ -653,7 +700,7 @@ class NatsTransport(NetworkTransport):
                     allow_reconnect=False,
                     max_reconnect_attempts=1,
                     dont_randomize=not opts.randomize,
-                    reconnect_time_wait=opts.reconnect_wait,  # type: ignore[arg-type]
+                    reconnect_time_wait=opts.reconnect_min,  # type: ignore[arg-type]
                     connect_timeout=opts.connect_attempt_timeout,  # type: ignore[arg-type]
                     ping_interval=opts.ping_interval,  # type: ignore[arg-type]
                     max_outstanding_pings=opts.max_outstanding_pings,
@@ -678,6 +725,7 @@ class NatsTransport(NetworkTransport):
         # ... then let nats-py reconnect, for ever.
         nc.options["allow_reconnect"] = opts.reconnect
         nc.options["max_reconnect_attempts"] = -1
+        self._reset_backoff(nc)
         self._nc = nc
         if supported(nc):
             self._router, self._writer = Router(nc), Writer(nc)
@@ -893,7 +941,29 @@ class NatsTransport(NetworkTransport):
 
     # -- nats-py callbacks ---------------------------------------------------------------------
 
+    def _reset_backoff(self, nc: NatsClient) -> None:
+        """Start the waits between reconnect attempts again at ``reconnect_min``."""
+        self._backoff = backoff_delays(self._opts.reconnect_min, self._opts.reconnect_max)
+        nc.options["reconnect_time_wait"] = next(self._backoff)
+
     async def _on_error(self, exc: Exception) -> None:
+        nc = self._nc
+        if (
+            nc is not None
+            and (nc.is_reconnecting or nc.is_connecting)
+            and not (self._connected or self._closing)
+        ):
+            # A reconnect attempt failed: nats-py waits ``reconnect_time_wait`` before it
+            # tries that server again, so the backoff grows (jittered) up to reconnect_max.
+            wait = next(self._backoff)
+            nc.options["reconnect_time_wait"] = wait
+            log.info(
+                "reconnecting to %s failed (%s); next attempt in %.2fs",
+                self.url.endpoint(),
+                self._describe(exc),
+                wait,
+            )
+            return
         if isinstance(exc, nats_errors.SlowConsumerError):
             self.stats.drop(DropReason.OVERFLOW)
             if not self._warned_slow:
@@ -914,11 +984,15 @@ class NatsTransport(NetworkTransport):
         self._js_ready = False
         self._set_connected(False)
         self._requeue_inflight()
+        self._hold_live()
 
     async def _on_reconnected(self) -> None:
         if self._closing:
             return
         self.stats.reconnects += 1
+        nc = self._nc
+        if nc is not None:
+            self._reset_backoff(nc)
         log.warning("reconnected to %s", self.url.endpoint())
         self._start_recovery()
 
@@ -954,8 +1028,78 @@ class NatsTransport(NetworkTransport):
             else:
                 self._js_ready = True
                 self._set_connected(self._connected)
+            if nc.is_connected and not self._recover_again:
+                self._start_resync()
             if not self._recover_again:
                 return
+
+    # -- retained resync -------------------------------------------------------------------------
+
+    def _hold_live(self) -> None:
+        """The connection is gone: buffer what arrives next until the retained resync is done.
+
+        Cancels a resync still reading the previous connection's snapshot: the next
+        reconnect starts it over (a sink never hears `resync_end` for an incomplete replay).
+        """
+        task = self._resync_task
+        if task is not None and not task.done():
+            task.cancel()
+        if not self._opts.retain:
+            return
+        for entry in self._entries:
+            if entry.queue is None and not entry.closed:
+                entry.resync = True
+                if entry.buffer is None:
+                    entry.buffer = []
+
+    def _start_resync(self) -> None:
+        if not any(entry.resync for entry in self._entries):
+            return
+        task = self._resync_task
+        if task is None or task.done():
+            self._resync_task = self._spawn(self._resync(), "resync")
+
+    async def _resync(self) -> None:
+        """Bring every replaying subscription to the retained state after a reconnect.
+
+        Each gets the bucket's current snapshot for its pattern exactly as `subscribe` hands
+        it over (live messages buffered since the connection dropped, then replayed minus the
+        copies the snapshot covers), bracketed by ``sink.resync_begin()`` / ``resync_end()``:
+        the sink drops the values it already had and reports the topics cleared meanwhile.
+        """
+        while True:
+            entries = [entry for entry in self._entries if entry.resync]
+            if not entries:
+                return
+            await asyncio.gather(*(self._resync_entry(entry) for entry in entries))
+
+    async def _resync_entry(self, entry: _Entry) -> None:
+        try:
+            snapshot = await self._read_snapshot(entry)
+            drainer = entry.drainer
+            if drainer is not None and not drainer.done():
+                # Messages from before the outage still wait for the sink: they go first.
+                await asyncio.shield(drainer)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if entry.closed or not entry.resync:
+                return
+            entry.resync = False
+            self.resync_failures += 1
+            log.warning(
+                "could not resync the retained messages of %r after reconnecting to %s (%s); "
+                "live messages go on, the next reconnect tries again",
+                entry.pattern,
+                self.url.endpoint(),
+                self._describe(exc),
+            )
+            entry.release()
+            return
+        if entry.closed or not entry.resync:
+            return
+        entry.resync = False
+        self._hand_over(entry, snapshot, resync=True)
 
     async def _repair_jetstream(self) -> None:
         """Re-create the stream, bucket and QoS-1 consumers the server lost (bounded retries).
@@ -1068,11 +1212,14 @@ class NatsTransport(NetworkTransport):
     ) -> None:
         """Publish; QoS 1 and retained return once JetStream acknowledged the message.
 
+        While disconnected, every publish returns once the message is in the offline buffer;
+        QoS-1 and retained ones are sent and confirmed after the reconnect (`flush` waits for
+        them; a failure then is counted in ``stats.dropped['publish_failed']`` and logged).
         ``reply`` is a NATS reply subject (requests, see `publish_request`).
 
         Raises:
             PublishError: the server refused it, it was not acknowledged within
-                ``qos1_timeout``, or the offline buffer is full (QoS 1).
+                ``qos1_timeout``, or the offline buffer is full (QoS 1, retained).
             PayloadTooLarge: body and headers exceed the server's max_payload.
             ConnectionLost: the connection is gone for good (reconnect off).
         """
@@ -1144,30 +1291,36 @@ class NatsTransport(NetworkTransport):
         write buffer over ``pending_size``), else None: the message is queued for the socket.
         """
         if qos or retain or not self._connected or self._router is None:
-            if qos == 1 and not retain and self._connected and self._opts.jetstream:
+            if qos == 1 and not retain and self._opts.jetstream:
                 return self._publish_qos1_nowait(topic, data, headers)
             return self.publish(topic, data, qos=qos, retain=retain, headers=headers)
         return self._publish_fast(topic, data, headers)
 
     def _publish_qos1_nowait(
         self, topic: str, data: bytes, headers: Mapping[str, str] | None
-    ) -> Awaitable[Any]:
-        """`_js_publish` without a coroutine, while connected.
+    ) -> Awaitable[Any] | None:
+        """`_js_publish` without a coroutine.
 
         Returns the future the stream's acknowledgement settles (the bus bounds it by
-        ``publish_timeout``).
+        ``publish_timeout``), or None when the message went to the offline buffer.
+
+        Raises:
+            PublishError: disconnected and the offline buffer is full.
         """
+        if self._closed:
+            raise BusClosed("the NATS transport is closed")
         extra: dict[str, str] = dict(headers) if headers else {}
         self._check_size(topic, data, {**extra, _MSG_ID: "x" * 40, REVISION_HEADER: "0" * 12})
-        extra[_MSG_ID] = f"{self._msg_id_prefix}{next(self._msg_ids)}"
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        out = _Out(self._q1_prefix + self._subject(topic), data, extra, future)
-        out.deadline = loop.time() + self._opts.qos1_timeout
-        self._unsettled += 1
-        self._idle.clear()
-        pending = self._send(out)
+        extra[_MSG_ID] = self._next_msg_id()
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        out = _Out(topic, self._q1_prefix + self._subject(topic), data, extra, future, confirm=True)
+        pending = self._submit(out)
+        if out.detached:
+            return None  # held for the next connection: accepted
         return future if pending is None else self._written_then(pending, future)
+
+    def _next_msg_id(self) -> str:
+        return f"{self._msg_id_prefix}{next(self._msg_ids)}"
 
     @staticmethod
     async def _written_then(pending: Awaitable[None], future: asyncio.Future[int]) -> None:
@@ -1226,15 +1379,95 @@ class NatsTransport(NetworkTransport):
                 )
             self._check_size(topic, data, {**extra, _MSG_ID: "x" * 40, REVISION_HEADER: "0" * 12})
         if retain:
-            stored = dict(extra)
-            if not data:
-                stored[_KV_OP] = "DEL"
-            rev = await self._js_publish(topic, self._kv_prefix + subject, data, stored)
-            extra[REVISION_HEADER] = str(rev)
-        if qos:
+            await self._publish_retained(topic, subject, data, extra, qos)
+        elif qos:
             await self._js_publish(topic, self._q1_prefix + subject, data, extra)
+        else:
+            await self._core_publish(subject, data, extra or None, reply)
+
+    async def _publish_retained(
+        self, topic: str, subject: str, data: bytes, headers: dict[str, str], qos: int
+    ) -> None:
+        """Write the value to the bucket, then (`_send_live`) publish its live copy.
+
+        Returns once both are done, or once the KV write is in the offline buffer.
+        """
+        stored = dict(headers)
+        if not data:
+            stored[_KV_OP] = "DEL"
+        stored[_MSG_ID] = self._next_msg_id()
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        out = _Out(topic, self._kv_prefix + subject, data, stored, future, confirm=True)
+        out.then = functools.partial(self._send_live, subject, data, headers, qos)
+        pending = self._submit(out)
+        if pending is not None:
+            await pending
+        try:
+            await future
+        except PublishError as exc:
+            raise PublishError(str(exc), topic=topic, reason=exc.reason) from exc.__cause__
+
+    def _send_live(
+        self,
+        subject: str,
+        data: bytes,
+        headers: dict[str, str],
+        qos: int,
+        written: _Out,
+        rev: int,
+    ) -> None:
+        """A retained value is in the bucket as revision ``rev``: publish its live copy.
+
+        Called when the KV write is acknowledged (`_settle`); the publisher's future, if it
+        still waits, goes on to the live copy. Never raises (runs in the receive path).
+        """
+        live_headers = {**headers, REVISION_HEADER: str(rev)}
+        future = written.future
+        if qos:
+            live_headers[_MSG_ID] = self._next_msg_id()
+            out = _Out(
+                written.topic, self._q1_prefix + subject, data, live_headers, future, confirm=True
+            )
+            out.detached = written.detached
+            self._unsettled += 1
+            self._idle.clear()
+            if self._connected:
+                pending = self._send(out)
+                if pending is not None:
+                    self._spawn(pending, "live-copy")
+            else:
+                self._park(out)  # held beyond offline_buffer: its KV write was accepted
             return
-        await self._core_publish(subject, data, extra or None, reply)
+        error: BaseException | None = None
+        held = _Out(written.topic, subject, data, live_headers, None, confirm=False)
+        if self._connected:
+            try:
+                pending = self._writer.publish(subject, data, live_headers)
+                if pending is not None:
+                    self._spawn(self._write_live(pending, held), "live-copy")
+            except _GONE:
+                self._park(held)
+            except (ValueError, nats_errors.Error) as exc:
+                error = PublishError(f"publish of the live copy failed: {exc}")
+        else:
+            self._park(held)
+        if future is not None and not future.done():
+            if error is None:
+                future.set_result(rev)
+            else:
+                future.set_exception(error)
+        elif error is not None and written.detached:
+            self._lost(written, error, DropReason.PUBLISH_FAILED)
+
+    async def _write_live(self, pending: Awaitable[Any], held: _Out) -> None:
+        """Wait for the write of a retained value's QoS-0 live copy (held again if lost)."""
+        try:
+            await pending
+        except _GONE:
+            if not self._closing:
+                self._park(held)
+        except nats_errors.Error as exc:
+            self._lost(held, exc, DropReason.PUBLISH_FAILED)
 
     async def _core_publish(
         self, subject: str, data: bytes, headers: dict[str, str] | None, reply: str = ""
@@ -1253,27 +1486,76 @@ class NatsTransport(NetworkTransport):
                 raise self._too_large(topic, len(data)) from None
             except (ValueError, nats_errors.Error) as exc:
                 raise PublishError(f"publish to {topic!r} failed: {exc}", topic=topic) from None
-        self._hold(_Out(subject, data, headers, None, reply))
+        held = _Out(topic_from_subject(subject), subject, data, headers, None, confirm=False)
+        held.reply = reply
+        self._hold(held)
 
     def _hold(self, out: _Out) -> None:
-        """Keep a message until the connection is back (bounded by ``offline_buffer``)."""
+        """Keep a message until the connection is back (bounded by ``offline_buffer``).
+
+        Raises:
+            ConnectionLost: reconnect is off or gave up (the bus counts it).
+            PublishError: the buffer is full and the message is QoS 1 or retained (a QoS-0
+                message is dropped and counted instead).
+        """
         if self._dead or not self._opts.reconnect or self._closed:
             raise ConnectionLost(
                 f"not connected to {self.url.endpoint()} and reconnect is off or gave up"
             )
         if len(self._offline) >= self._opts.offline_buffer:
-            if out.future is None:
+            if not out.confirm:
                 self.stats.drop(DropReason.OFFLINE_OVERFLOW)
                 return
             raise PublishError(
                 f"offline buffer full ({self._opts.offline_buffer} messages) while "
-                f"disconnected from {self.url.endpoint()}; QoS-1 message not accepted",
-                topic=topic_from_subject(out.subject),
+                f"disconnected from {self.url.endpoint()}; message for {out.topic!r} not "
+                "accepted",
+                topic=out.topic,
+                reason=DropReason.OFFLINE_OVERFLOW,
             )
-        self._offline.append(out)
+        self._park(out)
+
+    def _park(self, out: _Out, *, front: bool = False) -> None:
+        """Keep a message for the next connection; its publisher stops waiting (accepted).
+
+        A JetStream publish is confirmed after the reconnect: `flush` waits for it, and its
+        ``qos1_timeout`` counts from its next send.
+        """
+        if front:
+            self._offline.appendleft(out)
+        else:
+            self._offline.append(out)
         self._idle.clear()
-        if out.future is not None:
-            self._arm_sweeper()  # it may run out of time while waiting
+        if out.confirm:
+            out.deadline = 0.0
+            future = out.future
+            if future is not None:
+                out.future = None
+                out.detached = True
+                if not future.done():
+                    future.set_result(0)
+
+    def _submit(self, out: _Out) -> Awaitable[None] | None:
+        """Send a JetStream publish now, or hold it for the next connection.
+
+        Returns what the caller must await before the write buffer takes more, if anything.
+
+        Raises:
+            ConnectionLost: see `_hold`.
+            PublishError: see `_hold`.
+        """
+        self._unsettled += 1
+        self._idle.clear()
+        if self._connected:
+            return self._send(out)
+        try:
+            self._hold(out)
+        except BaseException:
+            out.future = None  # nobody reads it: the caller gets the exception
+            out.then = None
+            self._settle(out)
+            raise
+        return None
 
     async def _js_publish(
         self, topic: str, subject: str, data: bytes, headers: dict[str, str]
@@ -1281,54 +1563,76 @@ class NatsTransport(NetworkTransport):
         """Publish to a JetStream subject and wait for the stream's ack; return its sequence.
 
         The message is sent again (same ``Nats-Msg-Id``) after a lost connection, a missing
-        ack (``ack_timeout``) or a temporary refusal, until ``qos1_timeout`` runs out.
+        ack (``ack_timeout``) or a temporary refusal, until ``qos1_timeout`` runs out. While
+        disconnected it returns (0) once the message is in the offline buffer.
         """
-        headers[_MSG_ID] = f"{self._msg_id_prefix}{next(self._msg_ids)}"
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        out = _Out(subject, data, headers, future)
-        out.deadline = loop.time() + self._opts.qos1_timeout
-        self._unsettled += 1
-        self._idle.clear()
-        if self._connected:
-            pending = self._send(out)
-            if pending is not None:
-                await pending
-        else:
-            try:
-                self._hold(out)
-            except BaseException as exc:
-                self._settle(out, error=exc)
-                if isinstance(exc, PublishError):
-                    raise PublishError(str(exc), topic=topic) from None
-                raise
+        headers[_MSG_ID] = self._next_msg_id()
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        out = _Out(topic, subject, data, headers, future, confirm=True)
+        pending = self._submit(out)
+        if pending is not None:
+            await pending
         try:
             return await future
         except asyncio.CancelledError:
-            self._abandon(out)
+            if not out.detached:
+                self._abandon(out)
             raise
         except PublishError as exc:
             raise PublishError(str(exc), topic=topic, reason=exc.reason) from exc.__cause__
 
-    def _settle(self, out: _Out, seq: int = 0, error: BaseException | None = None) -> None:
-        """Finish a JetStream publish once: resolve its future, update the idle state."""
+    def _settle(
+        self, out: _Out, seq: int = 0, error: BaseException | None = None, *, count: bool = True
+    ) -> bool:
+        """Finish a JetStream publish once: resolve its future, update the idle state.
+
+        A retained value's KV write goes on to its live copy (``then``). Returns True for a
+        failure nobody waits for (the publish returned when the message was buffered); unless
+        the caller counts those itself (``count=False``), it is counted and logged here.
+        """
         if out.settled:
-            return
+            return False
         out.settled = True
         self._unsettled -= 1
-        future = out.future
-        if future is not None and not future.done():
-            if error is None:
-                future.set_result(seq)
-            else:
-                future.set_exception(error)
+        then, out.then = out.then, None
+        if then is not None and error is None:
+            try:
+                then(out, seq)
+            except Exception as exc:  # never let one message stop the receive path
+                log.exception("the live copy of a retained message for %r failed", out.topic)
+                error = exc
+        lost = False
+        if error is not None or then is None:
+            future = out.future
+            if future is not None:
+                if not future.done():
+                    if error is None:
+                        future.set_result(seq)
+                    else:
+                        future.set_exception(error)
+            elif error is not None and out.detached:
+                lost = True
+                if count:
+                    self._lost(out, error, DropReason.PUBLISH_FAILED)
         self._check_idle()
+        return lost
+
+    def _lost(self, out: _Out, error: BaseException, reason: str) -> None:
+        """Count and log a message accepted while disconnected that could not be delivered."""
+        self.stats.drop(reason)
+        log.warning(
+            "a message for %r accepted while disconnected from %s was not delivered: %s",
+            out.topic,
+            self.url.endpoint(),
+            error,
+        )
 
     def _check_idle(self) -> None:
         if not self._unsettled and not self._offline:
             self._idle.set()
 
     def _abandon(self, out: _Out) -> None:
+        out.then = None
         self._inflight.pop(out.token, None)
         with contextlib.suppress(ValueError):
             self._offline.remove(out)
@@ -1341,7 +1645,9 @@ class NatsTransport(NetworkTransport):
         token = f"{next(self._tokens):x}"
         out.token = token
         out.attempts += 1
-        out.sent_at = asyncio.get_running_loop().time()
+        out.sent_at = now = asyncio.get_running_loop().time()
+        if not out.deadline:
+            out.deadline = now + self._opts.qos1_timeout
         self._inflight[token] = out
         self._arm_sweeper()
         try:
@@ -1415,15 +1721,7 @@ class NatsTransport(NetworkTransport):
             elif now - out.sent_at >= ack_timeout:
                 del self._inflight[token]
                 self._retry(out, f"no acknowledgement within {ack_timeout}s")
-        waiting = False
-        for out in list(self._offline):
-            if out.future is not None and not out.settled:
-                if now >= out.deadline:
-                    self._offline.remove(out)
-                    self._settle(out, error=self._expired())
-                else:
-                    waiting = True
-        if self._inflight or waiting:
+        if self._inflight:
             self._arm_sweeper()
 
     def _expired(self) -> PublishError:
@@ -1447,24 +1745,27 @@ class NatsTransport(NetworkTransport):
             if pending is not None:
                 self._spawn(pending, "resend")
         else:
-            self._offline.appendleft(out)
-            self._idle.clear()
-            self._arm_sweeper()
+            self._park(out, front=True)
 
     def _requeue_inflight(self) -> None:
-        """Put the messages still waiting for an ack in front of the offline buffer."""
+        """Put the messages still waiting for an ack in front of the offline buffer.
+
+        Held in a buffer that survives the reconnect, they count as accepted: their
+        publishers stop waiting (as for a message published while disconnected).
+        """
         if not self._inflight:
             return
         pending = sorted(self._inflight.values(), key=lambda o: int(o.token, 16))
         self._inflight.clear()
-        self._offline.extendleft(reversed([o for o in pending if not o.settled]))
-        self._idle.clear()
+        for out in reversed(pending):
+            if not out.settled:
+                self._park(out, front=True)
 
     async def _resend_offline(self) -> None:
         nc = self._nc
         while self._offline and nc is not None and nc.is_connected:
             out = self._offline.popleft()
-            if out.future is not None:
+            if out.confirm:
                 if not out.settled:
                     pending = self._send(out)
                     if pending is not None:
@@ -1483,14 +1784,23 @@ class NatsTransport(NetworkTransport):
         outs = list(self._inflight.values()) + list(self._offline)
         self._inflight.clear()
         self._offline.clear()
-        dropped = 0
+        dropped = lost = 0
         for out in outs:
-            if out.future is None:
+            if not out.confirm:
                 dropped += 1
             else:
-                self._settle(out, error=error)
-        if dropped:
-            self.stats.drop(DropReason.DISCONNECTED, dropped)
+                out.then = None
+                lost += self._settle(out, error=error, count=False)
+        if dropped + lost:
+            self.stats.drop(DropReason.DISCONNECTED, dropped + lost)
+        if lost:
+            log.warning(
+                "%d QoS-1 or retained message(s) accepted while disconnected from %s were not "
+                "delivered: %s",
+                lost,
+                self.url.endpoint(),
+                error,
+            )
         self._check_idle()
 
     async def flush(self, timeout: float) -> None:
@@ -1752,9 +2062,20 @@ class NatsTransport(NetworkTransport):
 
     async def _replay(self, entry: _Entry) -> None:
         """Deliver the retained snapshot, then the buffered live messages not already in it."""
-        snapshot = await asyncio.gather(
+        self._hand_over(entry, await self._read_snapshot(entry), resync=False)
+
+    async def _read_snapshot(self, entry: _Entry) -> list[list[_Stored]]:
+        return await asyncio.gather(
             *(self._js_retry(functools.partial(self._snapshot, native)) for native in entry.natives)
         )
+
+    def _hand_over(self, entry: _Entry, snapshot: list[list[_Stored]], *, resync: bool) -> None:
+        """Hand the snapshot to the sink (oldest revision first), then what ``buffer`` holds.
+
+        A buffered live copy at or below the snapshot's revision of its topic is dropped
+        (`_Entry.stale`): the snapshot delivered it or a newer value. With ``resync`` the
+        snapshot is bracketed by ``resync_begin`` / ``resync_end`` (see `_resync`).
+        """
         seen = entry.seen
         values: list[tuple[int, Message]] = []
         for found in snapshot:
@@ -1766,21 +2087,13 @@ class NatsTransport(NetworkTransport):
                 if not deleted and data:
                     values.append((rev, Message(topic, data, headers, retained=True)))
         sink = entry.sink
+        if resync:
+            sink.resync_begin()
         for _, message in sorted(values, key=lambda item: item[0]):
             sink.deliver(message)
-        # Live messages that arrived meanwhile, minus the copies of values just delivered.
-        while True:
-            buffered = entry.buffer
-            if not buffered:
-                entry.buffer = None
-                return
-            entry.buffer = []
-            for live_rev, message in buffered:
-                if live_rev is not None and entry.stale(message, live_rev):
-                    if message.ack is not None:
-                        await message.ack()
-                    continue
-                sink.deliver(message)
+        if resync:
+            sink.resync_end()
+        entry.release()
 
     async def _snapshot(self, native: str) -> list[_Stored]:
         """The last KV entry of every key matching ``native``: (topic, revision, data, ...)."""
@@ -1960,9 +2273,9 @@ class NatsTransport(NetworkTransport):
         for entry in list(self._entries):
             await self._remove(entry, closing=True)
         tasks = [t for t in self._background if not t.done()]
-        recovery = self._recovery
-        if recovery is not None and not recovery.done():
-            recovery.cancel()
+        for task in (self._recovery, self._resync_task):
+            if task is not None and not task.done():
+                task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
             for task in tasks:
