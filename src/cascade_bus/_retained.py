@@ -15,8 +15,9 @@ __all__ = ["RetainedLedger"]
 class RetainedLedger:
     """Per subscription: a digest of the last retained value seen per topic.
 
-    Only topics that arrived as retained are tracked (bounded by the broker's retained set);
-    a live message on a tracked topic updates it, an empty body (a clear) forgets it.
+    Only topics that arrived as retained replays, or live with `Message.retain` set, are
+    tracked (bounded by the broker's retained set); a live message on a tracked topic updates
+    it, an empty body (a clear) forgets it.
     """
 
     __slots__ = ("_touched", "known")
@@ -34,7 +35,8 @@ class RetainedLedger:
     def note(self, message: Message) -> bool:
         """Record one received message; False when it is a replay of a value already seen.
 
-        Call it for every retained message and for live messages on a known topic.
+        Call it for every retained replay, every live ``retain`` message and every live
+        message on a known topic.
         """
         topic = message.topic
         data = message.data
@@ -46,8 +48,8 @@ class RetainedLedger:
             digest = hash(data)
             if touched is not None and known.get(topic) == digest:
                 return False  # unchanged while we were away: not a new message
-        elif topic not in known:
-            return True
+        elif topic not in known and not message.retain:
+            return True  # live, and not a retained topic as far as anyone can tell
         else:
             digest = hash(data)
         if data:

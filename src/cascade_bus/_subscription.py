@@ -206,10 +206,12 @@ class Subscription(Generic[T]):
             return True
         ledger = self._ledger
         if ledger is not None:
-            if (message.retained or message.topic in ledger.known) and not ledger.note(message):
+            if (
+                message.retained or message.retain or message.topic in ledger.known
+            ) and not ledger.note(message):
                 self._release(message)  # a resync replay of a value already handled
                 return True
-        elif message.retained and message.local is None and self.queue is None:
+        elif (message.retained or message.retain) and message.local is None and not self.queue:
             self._ledger = ledger = RetainedLedger()
             ledger.note(message)
         buf = self._buf

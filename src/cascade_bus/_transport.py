@@ -41,6 +41,9 @@ class Message(msgspec.Struct, eq=False):
             instead of a body: ``(envelope, payload_body, is_msgpack)``; `data` is then empty
             and unused, and each subscription copies the payload from ``payload_body`` (None:
             shared immutable bytes).
+        retain: For a live message (``retained`` False): the publisher asked the broker to
+            retain it, where the transport can tell (NATS, MQTT 5 between cascade-bus buses).
+            The subscription then tracks the topic's retained value for a later resync.
     """
 
     topic: str
@@ -50,6 +53,7 @@ class Message(msgspec.Struct, eq=False):
     qos: int = 0
     ack: Callable[[], Awaitable[None]] | None = None
     local: tuple[Any, bytes | None, bool] | None = None
+    retain: bool = False
 
     def __repr__(self) -> str:
         return (

@@ -133,6 +133,9 @@ class FaultSuite(SuiteBase):
     #: Options for buses behind the proxy: reconnect fast so cases take milliseconds.
     reconnect_options: ClassVar[dict[str, Any]] = {"reconnect_min": 0.02, "reconnect_max": 0.2}
     wait_timeout: ClassVar[float] = 10.0
+    #: False where a subscriber cannot tell a live retained publish from a plain one (MQTT
+    #: 3.1.1): values it first saw live are then not resynced.
+    live_retain_known: ClassVar[bool] = True
     #: Publishers x messages each in the restart case (10 x 1,000).
     restart_load: ClassVar[tuple[int, int]] = (10, 1_000)
 
@@ -223,6 +226,38 @@ class FaultSuite(SuiteBase):
             (f"{topic}/b", {"v": 2}),
             (f"{topic}/d", {"v": 1}),
         ], seen.describe()
+
+    async def test_retained_set_live_then_changed_during_outage(
+        self, make_bus: BusFactory, outage: Outage, topic: str
+    ) -> None:
+        """Retained values first seen live (set after subscribing) resync like replayed ones."""
+        if not self.live_retain_known:
+            pytest.skip(f"{type(self).__name__}: live_retain_known is False (see its docstring)")
+        controller = await make_bus()
+        self.require(controller, "retain", "wildcards")
+        subscriber = await self.behind(make_bus, outage)
+        seen = Collector()
+        await subscriber.subscribe(f"{topic}/#", seen)
+        for name in ("a", "b", "c"):
+            await controller.publish(f"{topic}/{name}", {"v": 1}, retain=True)
+        await seen.wait_count(3, self.wait_timeout)
+        before = len(seen.envelopes)
+
+        await outage.begin(subscriber)
+        await controller.publish(f"{topic}/a", b"", retain=True)
+        await controller.publish(f"{topic}/b", {"v": 2}, retain=True)
+        await controller.flush(self.wait_timeout)
+        await outage.end(subscriber)
+
+        await seen.wait_for(
+            lambda: len(seen.envelopes) >= before + 2, "the two changes", self.wait_timeout
+        )
+        await controller.publish(f"{topic}/z", sentinel())
+        await seen.wait_sentinel(self.wait_timeout)
+        changes = sorted(
+            (e.topic, "clear" if e.is_clear else e.payload) for e in seen.messages[before:]
+        )
+        assert changes == [(f"{topic}/a", "clear"), (f"{topic}/b", {"v": 2})], seen.describe()
 
     async def test_retained_resync_through_the_connector(
         self, make_connector: ConnectorFactory, outage: Outage, unique: str
