@@ -11,5 +11,5 @@ from cascade_bus.testing.faults import FaultSuite
 class TestMemoryFaults(FaultSuite):
     url = "memory://faults"
 
-    async def send_internal_junk(self, bus: Bus, transport_url: str) -> None:
+    async def send_internal_junk(self, bus: Bus, transport_url: str, topic: str) -> None:
         pytest.skip("memory:// uses no internal channels: there is nothing to inject junk into")

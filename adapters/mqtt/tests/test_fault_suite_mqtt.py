@@ -25,7 +25,7 @@ class _MqttFaults(FaultSuite):
     def durable_options(self) -> dict[str, Any]:
         return {**super().durable_options(), "clean_start": False}
 
-    async def send_internal_junk(self, bus: Bus, transport_url: str) -> None:
+    async def send_internal_junk(self, bus: Bus, transport_url: str, topic: str) -> None:
         """Junk on the adapter's reserved topics: this bus's barrier topic and its tree."""
         transport = bus.transport
         assert isinstance(transport, MqttTransport)

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import nats
 import pytest
+from cascade_bus_nats._mapper import subject_from_topic
 
+from cascade_bus import Bus
 from cascade_bus.testing.brokers import BrokerProcess
-from cascade_bus.testing.faults import FaultSuite, Restartable
+from cascade_bus.testing.faults import JUNK_ENVELOPE, FaultSuite, Restartable
 
 pytestmark = [pytest.mark.nats, pytest.mark.fault]
 
@@ -19,6 +22,20 @@ class TestNatsFaults(FaultSuite):
         "reconnect_max": 0.2,
         "connect_attempt_timeout": 1.0,
     }
+
+    async def send_internal_junk(self, bus: Bus, transport_url: str, topic: str) -> None:
+        """Junk on the retained bucket, the QoS 1 stream subject and the inbox subjects."""
+        subject = subject_from_topic(f"{topic}/junk")
+        client = await nats.connect(transport_url)
+        try:
+            for body in (b"", b"\xff\x00junk", JUNK_ENVELOPE):
+                await client.publish(f"$KV.cascade_retained.{subject}", body)
+                await client.publish(f"$CASCADE.Q1.{subject}", body)
+                await client.publish("_INBOX.junk", body)
+                await client.publish(subject, body, headers={"Nats-Msg-Id": "junk"})
+            await client.flush()
+        finally:
+            await client.close()
 
     @pytest.fixture
     def restartable_broker(self, private_nats: Callable[..., BrokerProcess]) -> Restartable:

@@ -178,11 +178,12 @@ class FaultSuite(SuiteBase):
         outage.track(bus.close)
         return bus
 
-    async def send_internal_junk(self, bus: Bus, transport_url: str) -> None:
+    async def send_internal_junk(self, bus: Bus, transport_url: str, topic: str) -> None:
         """Publish junk, with a plain client, on every channel the transport uses internally.
 
-        ``bus`` is the subscriber under test (for its own control topics, inboxes, ...); return
-        once the junk reached the broker. Override per transport; the default skips the case.
+        ``bus`` is the subscriber under test (for its own control topics, inboxes, ...), which
+        subscribes ``topic/#``; return once the junk reached the broker. Override per
+        transport; the default skips the case.
         """
         pytest.skip(
             f"{type(self).__name__} does not override send_internal_junk (the transport's "
@@ -423,7 +424,7 @@ class FaultSuite(SuiteBase):
         publisher = await make_bus()
         await publisher.publish(f"{topic}/before", {"n": 0})
         await inbox.wait_count(1, self.wait_timeout)
-        await self.send_internal_junk(subscriber, transport_url)
+        await self.send_internal_junk(subscriber, transport_url, topic)
         await publisher.publish(f"{topic}/after", {"n": 1})
         await inbox.wait_count(2, self.wait_timeout)
         assert inbox.payloads == [{"n": 0}, {"n": 1}]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from cascade_bus import InvalidTopic, InvalidURL, validate_topic
-from cascade_bus.spi import BusURL, parse_bool, parse_float, parse_int
+from cascade_bus.spi import BusURL, NetworkOptions, parse_bool, parse_int
 
 __all__ = ["MqttOptions"]
 
@@ -112,6 +112,9 @@ class MqttOptions:
             # a crash) instead of overflowing the unclaimed buffer before subscribe().
             persistent = not clean_start and version == 5
             receive_maximum = min(unclaimed, 65_535) if persistent else 0
+        net = NetworkOptions.parse(
+            opts, scheme=url.scheme, tls=tls_wanted, sslsocket_class=_ClosingSSLSocket
+        )
         return cls(
             host=url.host or "127.0.0.1",
             port=url.port or default_port,
@@ -121,15 +124,15 @@ class MqttOptions:
             version=version,
             keepalive=parse_int("keepalive", opts.get("keepalive", 60)),
             clean_start=clean_start,
-            tls=_tls_context(opts) if tls_wanted else None,
+            tls=net.tls,
             will_topic=opts.get("will_topic"),
             will_payload=bytes(will_payload),
             will_qos=will_qos,
             will_retain=parse_bool("will_retain", opts.get("will_retain", False)),
-            reconnect=parse_bool("reconnect", opts.get("reconnect", True)),
-            reconnect_min=parse_float("reconnect_min", opts.get("reconnect_min", 0.05)),
-            reconnect_max=parse_float("reconnect_max", opts.get("reconnect_max", 5.0)),
-            offline_buffer=parse_int("offline_buffer", opts.get("offline_buffer", 10_000)),
+            reconnect=net.reconnect,
+            reconnect_min=net.reconnect_min,
+            reconnect_max=net.reconnect_max,
+            offline_buffer=net.offline_buffer,
             max_inflight=parse_int("max_inflight", opts.get("max_inflight", 20)),
             tcp_nodelay=parse_bool("tcp_nodelay", opts.get("tcp_nodelay", True)),
             transport="websockets" if websockets else "tcp",
@@ -157,19 +160,3 @@ class _ClosingSSLSocket(ssl.SSLSocket):
         except BaseException:
             self.close()
             raise
-
-
-def _tls_context(opts: Mapping[str, Any]) -> ssl.SSLContext:
-    """Build the TLS context for ``mqtts://`` from ca_file / certfile / keyfile / tls_verify."""
-    verify = parse_bool("tls_verify", opts.get("tls_verify", True))
-    try:
-        context = ssl.create_default_context(cafile=opts.get("ca_file"))
-        context.sslsocket_class = _ClosingSSLSocket
-        if opts.get("certfile"):
-            context.load_cert_chain(opts["certfile"], opts.get("keyfile"))
-    except (OSError, ssl.SSLError) as exc:
-        raise InvalidURL(f"cannot load the TLS files for mqtts://: {exc}") from None
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cascade_bus import InvalidURL, UnsupportedFeature
-from cascade_bus.spi import BusURL, parse_bool, parse_float, parse_int
+from cascade_bus.spi import BusURL, NetworkOptions, parse_bool, parse_float, parse_int
 
 __all__ = ["DEFAULT_PORT", "NatsOptions"]
 
@@ -140,18 +140,18 @@ class NatsOptions:
         if max_ack_pending < 1:
             raise InvalidURL("option max_ack_pending must be at least 1")
         replicas = _replicas(opts.get("replicas", "auto"))
-        reconnect_min, reconnect_max = _backoff(opts)
+        net = NetworkOptions.parse(_backoff(opts), scheme=scheme, tls=bool(tls_wanted))
         return cls(
             servers=servers,
             user=None if user is None else str(user),
             password=None if password is None else str(password),
             token=None if token is None else str(token),
             name=str(opts.get("name") or f"cascade-bus-{os.urandom(6).hex()}"),
-            tls=_tls_context(opts) if tls_wanted else None,
+            tls=net.tls,
             tls_hostname=opts.get("tls_hostname") or None,
-            reconnect=parse_bool("reconnect", opts.get("reconnect", True)),
-            reconnect_min=reconnect_min,
-            reconnect_max=reconnect_max,
+            reconnect=net.reconnect,
+            reconnect_min=net.reconnect_min,
+            reconnect_max=net.reconnect_max,
             connect_attempt_timeout=parse_float(
                 "connect_attempt_timeout", opts.get("connect_attempt_timeout", 2.0)
             ),
@@ -159,7 +159,7 @@ class NatsOptions:
             max_outstanding_pings=parse_int(
                 "max_outstanding_pings", opts.get("max_outstanding_pings", 2)
             ),
-            offline_buffer=parse_int("offline_buffer", opts.get("offline_buffer", 10_000)),
+            offline_buffer=net.offline_buffer,
             jetstream=jetstream,
             retain=jetstream and parse_bool("retain", opts.get("retain", True)),
             stream=stream,
@@ -185,17 +185,17 @@ class NatsOptions:
         )
 
 
-def _backoff(opts: Mapping[str, Any]) -> tuple[float, float]:
-    """``reconnect_min`` / ``reconnect_max``, the names every adapter uses.
+def _backoff(opts: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Read the deprecated ``reconnect_wait`` (the former fixed wait) as both backoff bounds.
 
-    ``reconnect_wait`` (deprecated, the adapter's former fixed wait between attempts) is read
-    as both bounds when they are not given: the same fixed wait as before.
+    Only where ``reconnect_min`` / ``reconnect_max`` (the names every adapter uses) are not
+    given: the same fixed wait as before.
     """
     wait = opts.get("reconnect_wait")
-    fixed = None if wait is None else parse_float("reconnect_wait", wait)
-    low = parse_float("reconnect_min", opts.get("reconnect_min", 0.05 if fixed is None else fixed))
-    high = parse_float("reconnect_max", opts.get("reconnect_max", 5.0 if fixed is None else fixed))
-    return low, max(low, high)
+    if wait is None:
+        return opts
+    fixed = parse_float("reconnect_wait", wait)
+    return {"reconnect_min": fixed, "reconnect_max": fixed, **opts}
 
 
 def _replicas(value: Any) -> int:
@@ -212,18 +212,3 @@ def _host(host: str) -> str:
     if ":" in host:
         return f"[{host}]"  # an IPv6 literal
     return host or "127.0.0.1"
-
-
-def _tls_context(opts: Mapping[str, Any]) -> ssl.SSLContext:
-    """Build the TLS context from ca_file / certfile / keyfile / tls_verify."""
-    verify = parse_bool("tls_verify", opts.get("tls_verify", True))
-    try:
-        context = ssl.create_default_context(cafile=opts.get("ca_file"))
-        if opts.get("certfile"):
-            context.load_cert_chain(opts["certfile"], opts.get("keyfile"))
-    except (OSError, ssl.SSLError) as exc:
-        raise InvalidURL(f"cannot load the TLS files: {exc}") from None
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
