@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 import pytest
 
@@ -58,7 +59,7 @@ def test_tls_context_verifies_by_default_and_can_be_told_not_to() -> None:
     assert loose.verify_mode == ssl.CERT_NONE
 
 
-def test_unreadable_tls_files_are_a_typed_error_naming_the_scheme(tmp_path) -> None:
+def test_unreadable_tls_files_are_a_typed_error_naming_the_scheme(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pem"
     with pytest.raises(InvalidURL, match="rediss://"):
         tls_context({"ca_file": str(missing)}, "rediss")

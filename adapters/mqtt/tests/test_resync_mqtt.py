@@ -17,9 +17,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiomqtt
 import pytest
+from cascade_bus_mqtt import RETAIN_PROPERTY
 
 import cascade_bus
+from cascade_bus.spi import Message
+from cascade_bus.testing.brokers import host_port
 
 pytestmark = [pytest.mark.fault, pytest.mark.mqtt]
 
@@ -202,18 +206,21 @@ async def test_lost_again_mid_resync_begins_again(
     assert sub.stats().reconnects == 1
 
 
-@VERSIONS
 @pytest.mark.parametrize(
-    "qos",
+    ("qos", "version"),  # the ids as before: [0-5], [1-5], [0-3.1.1], [1-3.1.1]
     [
-        0,
+        (0, "5"),
+        (1, "5"),
+        (0, "3.1.1"),
         pytest.param(
             1,
+            "3.1.1",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="known limit: the resumed session's queue brings d=1 live (retain flag "
-                "off) before the resubscribe; the ledger does not record live messages on "
-                "topics it does not know, so the replay of d=1 is handed over a second time",
+                reason="known limit of MQTT 3.1.1: the resumed session's queue brings d=1 live "
+                "(retain flag off) before the resubscribe, and without user properties nothing "
+                "marks it as retained, so the ledger does not track it and the replay of d=1 is "
+                "handed over a second time",
             ),
         ),
     ],
@@ -358,3 +365,171 @@ async def test_overlapping_and_shared_filters_each_resync_once(
         assert _summary(after) == expected[key], key
     assert sub.stats().duplicates == 0
     assert sub.stats().dropped == {}
+
+
+# -- the retain marker (MQTT 5): live copies of retained publishes are recognisable -----------
+
+
+class _Sink:
+    """A transport-level sink that records the `Message` objects it is handed."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.arrived = asyncio.Event()
+
+    def deliver(self, message: Message) -> bool:
+        self.messages.append(message)
+        self.arrived.set()
+        return True
+
+    async def ready(self) -> None:
+        return None
+
+    def resync_begin(self) -> None:
+        return None
+
+    def resync_end(self) -> None:
+        return None
+
+    async def wait_for(self, count: int) -> list[Message]:
+        async with asyncio.timeout(10.0):
+            while len(self.messages) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.messages
+
+
+async def _plain_collect(
+    client: aiomqtt.Client, end_topic: str
+) -> list[tuple[str, bytes, list[tuple[str, str]]]]:
+    """(topic, body, user properties) of what a plain client receives, up to ``end_topic``."""
+    got: list[tuple[str, bytes, list[tuple[str, str]]]] = []
+    async with asyncio.timeout(10.0):
+        async for msg in client.messages:
+            user = getattr(msg.properties, "UserProperty", None) or []
+            got.append((str(msg.topic), bytes(msg.payload), list(user)))
+            if str(msg.topic) == end_topic:
+                return got
+    raise AssertionError("the plain client's message stream ended")
+
+
+async def test_retained_publishes_carry_the_marker(mqtt_url, unique_topic, kit, buses, retained):
+    """What plain MQTT 5 clients see: the marker on retained publishes (clears included) only,
+    after the publisher's own headers; a marker among a plain publish's headers is not sent;
+    an MQTT 3.1.1 bus sends none (no user properties)."""
+    base = unique_topic
+    retained.extend(f"{base}/{name}" for name in ("r1", "r2", "old"))
+    pub = await cascade_bus.connect(mqtt_url)
+    buses.append(pub)
+    old = await cascade_bus.connect(mqtt_url, version="3.1.1")
+    buses.append(old)
+    transport, transport_311 = kit.mqtt(pub), kit.mqtt(old)
+    marker = (RETAIN_PROPERTY, "1")
+    host, port = host_port(mqtt_url, 1883)
+    async with aiomqtt.Client(host, port, protocol=aiomqtt.ProtocolVersion.V5) as plain:
+        await plain.subscribe(f"{base}/#", qos=1)
+        await transport.publish(f"{base}/r1", b"1", qos=1, retain=True)
+        await transport.publish(f"{base}/r2", b"2", qos=0, retain=True, headers={"k": "v"})
+        await transport.publish(f"{base}/r1", b"", qos=1, retain=True)  # a clear
+        forged = {"k": "v", RETAIN_PROPERTY: "1"}
+        await transport.publish(f"{base}/n1", b"3", qos=1, headers=forged)
+        await transport.publish(f"{base}/n2", b"4", qos=1)
+        await transport_311.publish(f"{base}/old", b"5", qos=1, retain=True)
+        await transport.publish(f"{base}/{MARKER}", b"end", qos=1)
+        got = await _plain_collect(plain, f"{base}/{MARKER}")
+    assert got == [
+        (f"{base}/r1", b"1", [marker]),
+        (f"{base}/r2", b"2", [("k", "v"), marker]),
+        (f"{base}/r1", b"", [marker]),
+        (f"{base}/n1", b"3", [("k", "v")]),
+        (f"{base}/n2", b"4", []),
+        (f"{base}/old", b"5", []),
+        (f"{base}/{MARKER}", b"end", []),
+    ]
+
+
+@pytest.mark.fault
+async def test_retained_will_and_presence_carry_the_marker(
+    private_mosquitto, tcp_proxy, unique_topic, kit, buses
+):
+    """The broker publishes a retained will with the properties it was given: marked too, as
+    is the presence status; a will that is not retained is not."""
+    broker = private_mosquitto()
+    proxy = await tcp_proxy(broker.url)
+    base = unique_topic
+    marker = (RETAIN_PROPERTY, "1")
+    host, port = host_port(broker.url, 1883)
+    async with aiomqtt.Client(host, port, protocol=aiomqtt.ProtocolVersion.V5) as plain:
+        await plain.subscribe(f"{base}/#", qos=1)
+        kept = await cascade_bus.connect(
+            proxy.url_for("mqtt"), will_topic=f"{base}/kept", will_payload=b"k", will_retain=True
+        )
+        buses.append(kept)
+        plain_will = await cascade_bus.connect(
+            proxy.url_for("mqtt"), will_topic=f"{base}/gone", will_payload=b"g"
+        )
+        buses.append(plain_will)
+        present = await cascade_bus.connect(
+            proxy.url_for("mqtt"), presence_topic=f"{base}/presence", **kit.FAST_RECONNECT
+        )
+        buses.append(present)
+        proxy.pause()
+        assert await proxy.cut() == 3
+        got = []
+        async with asyncio.timeout(10.0):
+            async for msg in plain.messages:
+                user = getattr(msg.properties, "UserProperty", None) or []
+                got.append((str(msg.topic).rsplit("/", 1)[1], list(user)))
+                if len(got) == 4:  # presence online, then the three wills in any order
+                    break
+        await plain.publish(f"{base}/kept", b"", qos=1, retain=True)
+        await plain.publish(f"{base}/presence", b"", qos=1, retain=True)
+    assert got[0] == ("presence", [marker])
+    assert sorted(got[1:]) == [("gone", []), ("kept", [marker]), ("presence", [marker])]
+
+
+async def test_live_retained_message_is_marked_and_the_marker_is_no_header(
+    mqtt_url, unique_topic, kit, buses, retained
+):
+    """A subscriber hears a cascade-bus retained publish live as ``Message(retain=True)`` with
+    the marker gone from its headers (a clear too); a plain publish stays unmarked, and the
+    later replay is ``retained=True`` without the marker."""
+    base = unique_topic
+    retained.extend(f"{base}/{name}" for name in ("r", "h", "c"))
+    pub = await cascade_bus.connect(mqtt_url)
+    buses.append(pub)
+    sub = await cascade_bus.connect(mqtt_url)
+    buses.append(sub)
+    sink = _Sink()
+    subscription = await kit.mqtt(sub).subscribe(f"{base}/#", sink, qos=1)
+    transport = kit.mqtt(pub)
+    await transport.publish(f"{base}/r", b"1", qos=1, retain=True)
+    await transport.publish(f"{base}/h", b"2", qos=1, retain=True, headers={"k": "v"})
+    await transport.publish(f"{base}/c", b"3", qos=1, retain=True)
+    await transport.publish(f"{base}/c", b"", qos=1, retain=True)
+    await transport.publish(f"{base}/n", b"4", qos=1, headers={"k": "v"})
+    live = await sink.wait_for(5)
+    summary = [(m.topic, m.data, m.headers, m.retained, m.retain) for m in live]
+    assert summary == [
+        (f"{base}/r", b"1", None, False, True),
+        (f"{base}/h", b"2", {"k": "v"}, False, True),
+        (f"{base}/c", b"3", None, False, True),
+        (f"{base}/c", b"", None, False, True),
+        (f"{base}/n", b"4", {"k": "v"}, False, False),
+    ]
+    for message in live:
+        if message.ack is not None:
+            await message.ack()
+    await subscription.unsubscribe()
+
+    replay = _Sink()
+    late = await kit.mqtt(sub).subscribe(f"{base}/#", replay, qos=1)
+    got = sorted((m.topic, m.data, m.headers, m.retained, m.retain) for m in replay.messages)
+    assert got == [
+        (f"{base}/h", b"2", {"k": "v"}, True, False),
+        (f"{base}/r", b"1", None, True, False),
+    ]
+    for message in replay.messages:
+        if message.ack is not None:
+            await message.ack()
+    await late.unsubscribe()

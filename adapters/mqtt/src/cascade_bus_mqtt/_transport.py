@@ -14,6 +14,8 @@ Reliability, which aiomqtt 2.x leaves to the user:
   acknowledged plus everything published while down. The retained replay of the resubscribe
   is a resync (`MqttTransport._resubscribe_all`): each subscription gets what changed or
   appeared while it was away once, a clear for what was cleared, and nothing it already had.
+  With MQTT 5 retained publishes carry a marker (`RETAIN_PROPERTY`), so values a subscription
+  first heard live count too; MQTT 3.1.1 resyncs only what arrived as a retained replay.
 - While down, publishes go to a bounded offline buffer. QoS>=1 publishes that do not fit raise
   `PublishError`; QoS 0 ones that do not fit are dropped and counted (``offline_overflow``).
 - ``subscribe`` returns only after SUBACK *and* a loopback barrier message published after it
@@ -83,6 +85,14 @@ _T = TypeVar("_T")
 
 #: Topics under this prefix are the adapter's own (subscribe barriers); never delivered.
 RESERVED_PREFIX = "_cascade_bus/"
+#: MQTT 5 user property (value ``"1"``) on every retained publish of a cascade-bus bus, clears
+#: and the retained will included. The broker sends a subscriber that is already subscribed the
+#: live copy with the RETAIN flag off (no Retain As Published), so without it a receiver could
+#: not tell a retained value set while it listened from a plain message; with it the message
+#: arrives as ``Message(retain=True)`` and its subscription tracks the topic for a resync. The
+#: property is removed on receipt (never in an envelope's headers) and dropped from the headers
+#: of a publish that is not retained. MQTT 3.1.1 has no user properties: there it is not sent.
+RETAIN_PROPERTY = "cb-retain"
 _MAX_PAYLOAD = 268_435_455  # MQTT's largest remaining length
 _OUT_HIGH = 2048  # paho packets waiting for the socket before a QoS 0 publisher yields
 _BARRIER_ID = 1
@@ -110,6 +120,17 @@ _V5_CAPS = Capabilities(
     max_payload=_MAX_PAYLOAD,
 )
 _V311_CAPS = msgspec.structs.replace(_V5_CAPS, headers=False, queue_groups=False)
+
+
+def _marker_props(kind: int) -> Properties:
+    """Properties (of packet type ``kind``) carrying just the `RETAIN_PROPERTY` marker."""
+    props = Properties(kind)  # type: ignore[no-untyped-call]
+    props.UserProperty = [(RETAIN_PROPERTY, "1")]
+    return props
+
+
+# The PUBLISH property block of a retained publish without headers (MQTT 5).
+_RETAIN_PROPS: bytes = _marker_props(PacketTypes.PUBLISH).pack()  # type: ignore[no-untyped-call]
 
 
 class _Outgoing:
@@ -778,13 +799,21 @@ class MqttTransport(NetworkTransport):
 
     def _new_client(self) -> aiomqtt.Client:
         o = self._opts
+        # A retained will is marked like any retained publish (see RETAIN_PROPERTY).
+        marker = _marker_props(PacketTypes.WILLMESSAGE) if self._v5 else None
         will = (
-            aiomqtt.Will(o.will_topic, o.will_payload, o.will_qos, o.will_retain)
+            aiomqtt.Will(
+                o.will_topic,
+                o.will_payload,
+                o.will_qos,
+                o.will_retain,
+                marker if o.will_retain else None,
+            )
             if o.will_topic
             else None
         )
         if o.presence_topic:
-            will = aiomqtt.Will(o.presence_topic, self.presence_payload(False), 1, True)
+            will = aiomqtt.Will(o.presence_topic, self.presence_payload(False), 1, True, marker)
         properties = None
         if self._v5 and (not o.clean_start or o.receive_maximum):
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -964,7 +993,8 @@ class MqttTransport(NetworkTransport):
             raise ConnectionLost(f"lost {self.url.endpoint()} while publishing to {topic!r}")
         self._topic_head(topic)  # validated before it can wait for the window
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._send_qos(wire, _Outgoing(topic, data, 1, retain, self._no_props, fut, True), True)
+        props = self._props(None, retain)
+        self._send_qos(wire, _Outgoing(topic, data, 1, retain, props, fut, True), True)
         try:
             async with asyncio.timeout(10.0):
                 await self._until_lost(fut, f"publishing to {topic!r}")
@@ -1148,12 +1178,23 @@ class MqttTransport(NetworkTransport):
 
     # -- publishing ----------------------------------------------------------------------------
 
-    def _props(self, headers: Mapping[str, str]) -> bytes:
-        """The encoded PUBLISH property block carrying ``headers`` (MQTT 5 user properties)."""
+    def _props(self, headers: Mapping[str, str] | None, retain: bool) -> bytes:
+        """The encoded PUBLISH property block: ``headers`` as MQTT 5 user properties.
+
+        A retained publish (a clear too) also carries the `RETAIN_PROPERTY` marker; a marker
+        among ``headers`` is never sent as given (only ``retain`` decides it).
+        """
         if not self._v5:
             return b""
+        if not headers:
+            return _RETAIN_PROPS if retain else self._no_props
+        pairs = [item for item in headers.items() if item[0] != RETAIN_PROPERTY]
+        if retain:
+            pairs.append((RETAIN_PROPERTY, "1"))
+        if not pairs:
+            return self._no_props
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.UserProperty = list(headers.items())
+        props.UserProperty = pairs
         packed: bytes = props.pack()  # type: ignore[no-untyped-call]
         return packed
 
@@ -1220,7 +1261,7 @@ class MqttTransport(NetworkTransport):
         head = self._heads.get(topic)
         if head is None:
             head = self._topic_head(topic)
-        props = self._props(headers) if headers else self._no_props
+        props = self._props(headers, retain) if headers or retain else self._no_props
         if len(data) > _MAX_PAYLOAD - 4 - len(head) - len(props):
             raise PayloadTooLarge(
                 f"message for {topic!r} is {len(data)} bytes; MQTT refuses it",
@@ -1428,7 +1469,17 @@ class MqttTransport(NetworkTransport):
         if dup:
             self.stats.duplicates += 1  # a redelivery: the broker never saw our PUBACK
         ack = _Ack(wire, mid, qos) if qos else None
-        message = Message(topic, payload, headers, retained=retained, qos=qos, ack=ack)
+        retain = False
+        if headers is not None and RETAIN_PROPERTY in headers:
+            # A cascade-bus publisher's retained publish (MQTT 5): a live copy of it (RETAIN
+            # flag off) is Message.retain; a replay is retained anyway. Never a header.
+            del headers[RETAIN_PROPERTY]
+            retain = not retained
+            if not headers:
+                headers = None
+        message = Message(
+            topic, payload, headers, retained=retained, retain=retain, qos=qos, ack=ack
+        )
         delivered = 0
         if ids:
             for sub_id in ids:
