@@ -84,6 +84,60 @@ async def test_cleared_changed_and_created_during_an_outage_arrive_once(
             await controller.publish(f"{base}/{name}", b"", retain=True)
 
 
+@pytest.mark.parametrize(("publish_qos", "qos"), [(0, 0), (1, 0), (1, 1)])
+async def test_retained_values_first_seen_live_resync_too(
+    nats_url, tcp_proxy, unique_topic, kit, buses, api, publish_qos, qos
+):
+    """Retained values set after subscribing arrive live; a resync still diffs against them.
+
+    The live copy of a retained publish (it carries the revision header) is handed on with
+    ``Message.retain`` set, on the fast path and on nats-py's public API alike, on each route:
+    core plain (QoS-0 publish), core prefixed (QoS-1 publish, QoS-0 subscription) and the
+    JetStream consumer (QoS 1 both). A value cleared live before the outage is forgotten: no
+    second clear for it after the reconnect.
+    """
+    base = f"{unique_topic}/live"
+    controller = await cascade_bus.connect(nats_url)
+    buses.append(controller)
+    proxy = await tcp_proxy(nats_url)
+    subscriber = await cascade_bus.connect(proxy.url_for("nats"), **kit.FAST_RECONNECT)
+    buses.append(subscriber)
+    assert (kit.nats(subscriber)._router is None) == (api == "public")
+    inbox = kit.Inbox()
+    await subscriber.subscribe(f"{base}/#", inbox, qos=qos)
+    assert len(inbox) == 0
+    try:
+        for name in "abcd":
+            await controller.publish(f"{base}/{name}", {"v": 1}, retain=True, qos=publish_qos)
+        await controller.publish(f"{base}/d", b"", retain=True, qos=publish_qos)
+        await inbox.wait_for(5, kit.WAIT)
+        assert [(e.topic, "clear" if e.is_clear else e.payload) for e in inbox.envelopes] == [
+            *((f"{base}/{n}", {"v": 1}) for n in "abcd"),
+            (f"{base}/d", "clear"),
+        ]
+        before = len(inbox)
+
+        await outage(proxy, subscriber, kit)
+        await controller.publish(f"{base}/a", b"", retain=True, qos=publish_qos)
+        await controller.publish(f"{base}/b", {"v": 2}, retain=True, qos=publish_qos)
+        await controller.publish(f"{base}/e", {"v": 1}, retain=True, qos=publish_qos)
+        await controller.flush(timeout=kit.WAIT)
+        proxy.resume()
+        await kit.wait_connected(subscriber, reconnects=1)
+
+        got = await until_sentinel(controller, inbox, f"{base}/z")
+        assert changes(got[before:]) == [
+            (f"{base}/a", "clear"),
+            (f"{base}/b", {"v": 2}),
+            (f"{base}/e", {"v": 1}),
+        ], [(e.topic, e.payload) for e in inbox.envelopes]
+        assert kit.nats(subscriber).resync_failures == 0
+        assert subscriber.stats().dropped_total == 0, subscriber.stats()
+    finally:
+        for name in "abcde":
+            await controller.publish(f"{base}/{name}", b"", retain=True)
+
+
 async def test_exact_topic_subscriptions_resync_too(nats_url, tcp_proxy, unique_topic, kit, buses):
     """Without a wildcard: a cleared topic gets its clear, a changed one its value, once."""
     controller = await cascade_bus.connect(nats_url)

@@ -28,7 +28,9 @@ a QoS-1 subscription listens to the plain subject with core NATS for QoS-0 messa
 Retained messages (emulated). A retained publish first writes the body (and its headers) to the
 KV bucket ``cascade_retained`` under the key = the NATS subject (an empty body writes a KV delete
 marker), gets the entry's revision from JetStream's acknowledgement, and only then publishes
-the live message with the header ``Cascade-Bus-Rev: <revision>``. A new subscription:
+the live message with the header ``Cascade-Bus-Rev: <revision>``. A subscriber strips that
+header and hands the live copy on with ``Message.retain`` set (a clear too), so the sink's
+resync ledger also tracks topics whose value it first saw live. A new subscription:
 
 1. starts its live subscriptions first (core SUBs, QoS-1 consumers) and *buffers* what arrives;
 2. reads the snapshot: the last KV entry of every matching key with its revision (a get for an
@@ -494,11 +496,14 @@ class _Entry(TransportSubscription):
             # A plain NATS request: answering env.reply_to (bus.reply) reaches the requester.
             headers = headers or {}
             headers.setdefault("ce-replyto", topic_from_subject(reply))
-        message = Message(topic_from_subject(subject), data, headers)
-        if rev is None and self.buffer is None and not self.waiting:
-            if not self.sink.deliver(message):
-                self._start_drain()
-            return
+        if rev is None:
+            message = Message(topic_from_subject(subject), data, headers)
+            if self.buffer is None and not self.waiting:
+                if not self.sink.deliver(message):
+                    self._start_drain()
+                return
+        else:  # the live copy of a retained publish (a clear too): tracked for the resync
+            message = Message(topic_from_subject(subject), data, headers, retain=True)
         self.feed(message, rev)
 
     def route_prefixed(
@@ -508,10 +513,12 @@ class _Entry(TransportSubscription):
         topic = topic_from_subject(subject[self.cut :])
         if self.wild and topic[0] == "$":
             return
-        rev = None
         if headers:
             headers, rev = _split_headers(headers, self.own_ids)
-        self.feed(Message(topic, data, headers), rev)
+            if rev is not None:  # the live copy of a retained publish
+                self.feed(Message(topic, data, headers, retain=True), rev)
+                return
+        self.feed(Message(topic, data, headers), None)
 
 
 class _Consumer:
@@ -558,10 +565,12 @@ class _Consumer:
         if entry.wild and topic[0] == "$":
             entry.transport._ack_soon(ack)
             return
-        rev = None
         if headers:
             headers, rev = _split_headers(headers, entry.own_ids)
-        entry.feed(Message(topic, data, headers, qos=1, ack=ack), rev)
+            if rev is not None:  # the live copy of a retained publish
+                entry.feed(Message(topic, data, headers, qos=1, ack=ack, retain=True), rev)
+                return
+        entry.feed(Message(topic, data, headers, qos=1, ack=ack), None)
 
 
 class NatsTransport(NetworkTransport):
