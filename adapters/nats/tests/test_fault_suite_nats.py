@@ -24,7 +24,7 @@ class TestNatsFaults(FaultSuite):
     }
 
     async def send_internal_junk(self, bus: Bus, transport_url: str, topic: str) -> None:
-        """Junk in the retained bucket and on inbox subjects (the QoS 1 subjects carry user topics)."""
+        """Junk in the retained bucket and on inbox subjects (QoS 1 subjects are user topics)."""
         subject = subject_from_topic(f"{topic}/junk")
         client = await nats.connect(transport_url)
         try:
