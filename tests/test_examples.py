@@ -112,7 +112,7 @@ EXPECTED: dict[str, list[str]] = {
     ],
 }
 # pytest modules among the examples: run with pytest rather than as scripts.
-PYTEST_EXAMPLES = ["test_broker_fixtures.py", "test_conformance.py"]
+PYTEST_EXAMPLES = ["test_broker_fixtures.py", "test_conformance.py", "test_faults.py"]
 # Examples that need a broker: file -> (broker kind, expected output). They read the broker's URL
 # from CASCADE_BUS_<KIND>_URL, which the test sets from the session fixture (skips without one).
 BROKER_EXAMPLES: dict[str, tuple[str, list[str]]] = {
@@ -122,6 +122,10 @@ BROKER_EXAMPLES: dict[str, tuple[str, list[str]]] = {
             "retained before subscribe() returned: [{'paused': True}]",
             "telemetry: t1/1/events {'state': 'running'}",
         ],
+    ),
+    "network_transport.py": (
+        "redis",
+        ["resptoy delivered: toy/run-1/state {'state': 'running'}", "reconnects so far: 0"],
     ),
     "redis_quickstart.py": (
         "redis",
