@@ -1,13 +1,10 @@
 """Testing helpers for cascade-bus and its transports.
 
-- `ConformanceSuite` (``cascade_bus.testing.conformance``): the cases every transport must pass;
-  subclass it in a test module.
-- ``cascade_bus.testing.pytest_plugin``: broker fixtures (``mqtt_url``, ...), loaded by pytest
-  through the ``pytest11`` entry point.
-- ``cascade_bus.testing.brokers``: finding and starting brokers for tests.
+- ``conformance``: `ConformanceSuite`, the cases every transport must pass (subclass it).
+- ``pytest_plugin``: broker fixtures (``mqtt_url``, ...), loaded through ``pytest11``.
+- ``brokers``: finding and starting brokers for tests.
 
-The conformance module needs pytest and pytest-asyncio (the ``test`` extra); it is imported on
-first use, so importing this package does not require them.
+The suite needs pytest and pytest-asyncio (the ``test`` extra) and is imported on first use.
 """
 
 from __future__ import annotations
@@ -15,10 +12,24 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-if "pytest" in sys.modules:  # rewrite the suite's asserts for readable failures
-    sys.modules["pytest"].register_assert_rewrite(
-        "cascade_bus.testing.conformance", "cascade_bus.testing.faults"
-    )
+#: The modules whose asserts pytest rewrites for readable failures (the suites and their cases).
+_REWRITTEN = (
+    "_base",
+    "_cases_cascade",
+    "_cases_delivery",
+    "_cases_hostile",
+    "_cases_lifecycle",
+    "_cases_messaging",
+    "_cases_outage",
+    "_cases_queues_requests",
+    "_cases_retained",
+    "_fault_base",
+    "conformance",
+    "faults",
+)
+
+if "pytest" in sys.modules:
+    sys.modules["pytest"].register_assert_rewrite(*(f"{__name__}.{m}" for m in _REWRITTEN))
 
 if TYPE_CHECKING:
     from .conformance import Collector, ConformanceSuite, with_query
