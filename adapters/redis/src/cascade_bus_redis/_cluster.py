@@ -82,6 +82,7 @@ from cascade_bus.spi import (
     topic_matches,
 )
 
+from ._inbound import decode_topic, parse_seq
 from ._resp import ReplyError, RespConnection, RespLost, pack
 from ._script import BROAD_SCRIPT, SCRIPT
 from ._topics import hash_tag, shard_key
@@ -416,6 +417,7 @@ class RedisClusterTransport(RedisTransport):
             "pubsub",
             address=address,
             on_push=functools.partial(self._on_link_push, link),
+            on_push_error=self._push_failed,
             on_lost=on_lost,
         )
         return link
@@ -518,9 +520,7 @@ class RedisClusterTransport(RedisTransport):
                 if ch is not None:
                     self._deliver_frame(link, ch, reply[2])
                 elif reply[1] == self._barrier_channel:
-                    fut = self._barriers.pop(reply[2], None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(None)
+                    self._on_barrier(reply[2])
             elif kind == b"pong":
                 self._pong(reply[1])
             elif kind == b"sunsubscribe":
@@ -553,25 +553,33 @@ class RedisClusterTransport(RedisTransport):
             fut.set_result(None)
 
     def _deliver_frame(self, link: _Link, ch: _Channel, data: bytes) -> None:
+        """Deliver one frame (``seq``, topic and body, NUL-separated); junk is counted."""
         parts = data.split(b"\x00", 2)
-        if len(parts) != 3 or not parts[1] or not (parts[0].isdigit() or not parts[0]):
-            # Not one of ours (another client published on the channel): never delivered.
-            log.debug("ignoring a message without a valid frame on %r", ch.name)
+        if len(parts) != 3:
+            self._junk(f"channel {ch.name.decode('utf-8', 'replace')}", data[:64])
             return
         seq_b, topic_b, body = parts
+        seq = parse_seq(seq_b) if seq_b else None
         topic = self._frame_topics.get(topic_b)
         if topic is None:
-            if len(self._frame_topics) >= _TOPIC_CACHE:
-                self._frame_topics.clear()
-            topic = self._frame_topics[topic_b] = topic_b.decode("utf-8", "replace")
-        seq = int(seq_b) if seq_b else None
-        for pattern, sub in ch.routes:
-            if not topic_matches(pattern, topic):
-                continue
-            if not sub.push(topic, body, seq):
-                conn = link.conn
-                if conn is not None:
-                    link.flow.hold(conn, sub.sink, self._spawn)
+            topic = decode_topic(topic_b)
+            if topic is not None:
+                if len(self._frame_topics) >= _TOPIC_CACHE:
+                    self._frame_topics.clear()
+                self._frame_topics[topic_b] = topic
+        matched = False
+        if topic is not None and (seq is not None or not seq_b):
+            for pattern, sub in ch.routes:  # all with the channel's pattern
+                if not topic_matches(pattern, topic):
+                    break
+                matched = True
+                if not sub.push(topic, body, seq):
+                    conn = link.conn
+                    if conn is not None:
+                        link.flow.hold(conn, sub.sink, self._spawn)
+        if not matched and ch.routes:
+            # Not one of ours (another client published on the channel): never delivered.
+            self._junk(f"channel {ch.name.decode('utf-8', 'replace')}", data[:64])
 
     # -- subscribing -----------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ KNOWN = frozenset(
         "stream_ttl",
         "claim_idle",
         "read_count",
+        "queue_prefetch",
         "reconnect",
         "reconnect_min",
         "reconnect_max",
@@ -68,6 +69,8 @@ class RedisOptions:
     stream_ttl: float
     claim_idle: float
     read_count: int
+    queue_prefetch: int
+    """The least a queue-group member may hold unhandled (read ahead); see ``_prefetch``."""
     reconnect: bool
     reconnect_min: float
     reconnect_max: float
@@ -166,9 +169,10 @@ class RedisOptions:
         if stream_ttl < 1.0:
             raise InvalidURL(f"stream_ttl={stream_ttl}: use at least 1 second")
         read_count = parse_int("read_count", opts.get("read_count", 256))
+        queue_prefetch = parse_int("queue_prefetch", opts.get("queue_prefetch", 8))
         max_inflight = parse_int("max_inflight", opts.get("max_inflight", 1024))
-        if read_count < 1 or max_inflight < 2:
-            raise InvalidURL("read_count must be >= 1 and max_inflight >= 2")
+        if read_count < 1 or queue_prefetch < 1 or max_inflight < 2:
+            raise InvalidURL("read_count and queue_prefetch must be >= 1, max_inflight >= 2")
         hosts = tuple((h or "127.0.0.1", p or 6379) for h, p in url.hosts) or (("127.0.0.1", 6379),)
         return cls(
             host=hosts[0][0],
@@ -184,6 +188,7 @@ class RedisOptions:
             stream_ttl=stream_ttl,
             claim_idle=parse_float("claim_idle", opts.get("claim_idle", 30.0)),
             read_count=read_count,
+            queue_prefetch=queue_prefetch,
             reconnect=parse_bool("reconnect", opts.get("reconnect", True)),
             reconnect_min=parse_float("reconnect_min", opts.get("reconnect_min", 0.05)),
             reconnect_max=parse_float("reconnect_max", opts.get("reconnect_max", 5.0)),

@@ -91,6 +91,8 @@ class RespConnection:
     Args:
         name: For messages (endpoint and role, never credentials).
         on_push: Pub/sub mode: every reply goes here instead of to a waiter.
+        on_push_error: Called with the reply and the exception when ``on_push`` raised; the
+            connection then goes on with the next reply (one bad push never costs the link).
         on_reply: Called as ``on_reply(waiter, reply)`` for waiters that are neither futures
             nor None.
         on_orphan: Called with error replies whose waiter is None.
@@ -102,6 +104,7 @@ class RespConnection:
         name: str,
         *,
         on_push: Callable[[Any], None] | None = None,
+        on_push_error: Callable[[Any, Exception], None] | None = None,
         on_reply: Callable[[Waiter, Any], None] | None = None,
         on_orphan: Callable[[ReplyError], None] | None = None,
         on_lost: Callable[[BaseException | None], None] | None = None,
@@ -115,6 +118,7 @@ class RespConnection:
         self._transport: asyncio.Transport | None = None
         self._on_push: Callable[[Any], None] | None = None  # set once the handshake is done
         self._push_handler = on_push
+        self._on_push_error = on_push_error
         self._on_reply = on_reply
         self._on_orphan = on_orphan
         self._on_lost = on_lost
@@ -291,7 +295,12 @@ class RespConnection:
                 reply = reader.gets()
                 if reply is False:
                     return
-                push(reply)
+                try:
+                    push(reply)
+                except Exception as exc:  # a bug or junk: never drop the link (and the rest)
+                    if self._on_push_error is None:
+                        raise
+                    self._on_push_error(reply, exc)
             return
         waiters = self._waiters
         on_reply = self._on_reply

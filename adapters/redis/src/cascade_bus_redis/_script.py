@@ -40,6 +40,9 @@ wildcards cover the shard-key levels) leased in the slot's ``broad`` hash, passe
 
 Stream entries hold ``t`` (topic), ``d`` (body) and, for retained publishes, ``s`` (sequence);
 barrier entries written by a subscriber to itself hold only ``b`` (a token).
+
+Junk another client wrote into the lease hashes (an expiry that is no number, a route to a key
+that is no stream) is deleted when met, never fails a publish.
 """
 
 from __future__ import annotations
@@ -126,7 +129,8 @@ local function leased(key, topic, distinct)
     if hit then
       local pattern = sub(value, sp + 1)
       if not now then now = now_ms() end
-      if tonumber(sub(value, 1, sp - 1)) < now then
+      local expiry = tonumber(sub(value, 1, sp - 1))
+      if not expiry or expiry < now then  -- expired, or junk another client wrote
         redis.call('HDEL', key, entries[i])
       elseif not (distinct and seen[pattern]) then
         seen[pattern] = true
@@ -137,16 +141,32 @@ local function leased(key, topic, distinct)
   return out
 end
 
+-- XADD one message to a route's stream. A route naming a key that is no stream (or, in a
+-- cluster, a key of another slot) was written by another client: junk, deleted instead of
+-- failing the publish.
+local function add(stream, maxlen, topic, body, seq)
+  local r
+  if seq then
+    r = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '*', 't', topic, 'd', body, 's', seq)
+  else
+    r = redis.pcall('XADD', stream, 'MAXLEN', '~', maxlen, '*', 't', topic, 'd', body)
+  end
+  if type(r) == 'table' and r.err then
+    local find = string.find
+    if find(r.err, 'WRONGTYPE', 1, true) or find(r.err, 'attempted to access', 1, true) then
+      redis.call('HDEL', P .. 'routes', stream)
+      return 0
+    end
+    error(r.err)
+  end
+  return 1
+end
+
 -- XADD the message to every stream route whose pattern matches; return how many.
 local function fan_out(topic, body, seq, maxlen)
   local n = 0
   for _, route in ipairs(leased(P .. 'routes', topic, false)) do
-    if seq then
-      redis.call('XADD', route[1], 'MAXLEN', '~', maxlen, '*', 't', topic, 'd', body, 's', seq)
-    else
-      redis.call('XADD', route[1], 'MAXLEN', '~', maxlen, '*', 't', topic, 'd', body)
-    end
-    n = n + 1
+    n = n + add(route[1], maxlen, topic, body, seq)
   end
   return n
 end
@@ -221,11 +241,9 @@ local function publish_one(retain, topic, body, maxlen, routes)
       hit = patterns[r] == topic
     end
     if hit and route_live(routes, r) then
-      local stream = routes.stream[r]
-      if seq then
-        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 't', topic, 'd', body, 's', seq)
-      else
-        redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 't', topic, 'd', body)
+      if add(routes.stream[r], maxlen, topic, body, seq) == 0 then
+        routes.pattern[r] = false  -- junk: deleted by `add`, skipped from now on
+        routes.lit[r] = false
       end
     end
   end
@@ -239,7 +257,8 @@ local function lease(key, field, pattern, ttl)
   for i = 1, #entries, 2 do
     local value = entries[i + 1]
     local sp = string.find(value, ' ', 1, true)
-    if (not sp) or tonumber(string.sub(value, 1, sp - 1)) < now then
+    local expiry = sp and tonumber(string.sub(value, 1, sp - 1))
+    if not expiry or expiry < now then
       redis.call('HDEL', key, entries[i])
     end
   end

@@ -28,7 +28,11 @@ receives QoS 0 publishes (delivered at least once: the subscription's QoS is wha
 MQTT), while a QoS 0 subscriber still sees QoS 1 publishes over pub/sub. A queue group is one
 route and stream per (queue, pattern) with consumer group ``cascade_bus``: each message goes to
 one member, across processes; QoS 0 members read with NOACK, QoS 1 members ack, and XAUTOCLAIM
-hands messages a dead member left pending (idle longer than ``claim_idle``) to a live one.
+hands messages a dead member left pending (idle longer than ``claim_idle``) to a live one. A
+member reads only while it holds fewer messages its handler has not finished than its prefetch
+limit (``_prefetch.py``: about 50 ms of work at its measured rate, at least ``queue_prefetch``),
+so a burst is shared by the members that have time for it instead of taken whole by the first
+one to read.
 Publishes by plain Redis clients (bare PUBLISH) reach pub/sub subscriptions only.
 
 Retained messages and the subscribe race. ``subscribe()`` must hand over every retained message
@@ -84,7 +88,9 @@ from cascade_bus.spi import (
     topic_matches,
 )
 
+from ._inbound import Junk, Tokens, decode_topic, parse_entry, parse_seq
 from ._options import RedisOptions
+from ._prefetch import Prefetch
 from ._resp import ReplyError, RespConnection, RespLost, pack
 from ._script import SCRIPT
 from ._topics import native_subscriptions, scan_glob
@@ -101,6 +107,7 @@ _BATCH_MAX = 512
 _BATCH_BYTES = 256 * 1024
 _TOPIC_CACHE = 4096
 _CONNECT_TIMEOUT = 10.0
+_HEX = frozenset(b"0123456789abcdef")
 
 
 def _bulk(value: bytes) -> bytes:
@@ -181,9 +188,11 @@ class _Stream:
         "noack",
         "ns",
         "pattern",
+        "prefetch",
         "queue",
         "task",
         "to_ack",
+        "topics",
     )
 
     def __init__(
@@ -194,6 +203,7 @@ class _Stream:
         queue: str | None,
         noack: bool,
         ns: bytes,
+        prefetch: Prefetch | None = None,
     ) -> None:
         self.key = key
         self.ns = ns  # the script namespace the stream's route lives in
@@ -204,10 +214,14 @@ class _Stream:
         self.delete_on_close = False
         self.conn: RespConnection | None = None
         self.task: asyncio.Task[None] | None = None
-        self.inflight: set[bytes] = set()  # delivered to the sink, not yet acked
+        self.inflight: set[bytes] = set()  # delivered to the sink, not yet acked (handled)
+        # A queue member reads only while it holds (`inflight`) fewer than its prefetch limit,
+        # so a burst is shared by the members instead of taken by the first that reads.
+        self.prefetch = prefetch
         self.acking: set[bytes] = set()  # ack sent (or queued), not yet confirmed
         self.to_ack: list[bytes] = []
         self.barriers: dict[bytes, asyncio.Future[None]] = {}
+        self.topics: dict[bytes, str] = {}  # topics of entries checked against the pattern
 
 
 class _Sub:
@@ -310,7 +324,10 @@ class RedisTransport(NetworkTransport):
     bus's QoS 1 streams and consumers; given explicitly, its QoS 1 streams outlive ``close()``
     so a restarted process resumes them), ``stream_maxlen`` (100,000, ``MAXLEN ~``),
     ``stream_ttl`` (300 s lease of a stream route), ``claim_idle`` (30 s before XAUTOCLAIM takes
-    a dead member's message), ``read_count`` (256 per XREADGROUP), ``reconnect`` (true),
+    a dead member's message), ``read_count`` (256 per XREADGROUP), ``queue_prefetch`` (8:
+    a queue-group member with slow handlers holds this many unhandled messages at most; raise
+    it together with ``max_concurrency``),
+    ``reconnect`` (true),
     ``reconnect_min``/``reconnect_max`` (backoff bounds, s), ``offline_buffer`` (10,000),
     ``health_check_interval`` (10 s PING), ``max_payload`` (8 MiB), ``max_inflight`` (1,024 QoS 0
     replies outstanding).
@@ -373,7 +390,9 @@ class RedisTransport(NetworkTransport):
         self._channels: dict[bytes, _Native] = {}
         self._globs: dict[bytes, _Native] = {}
         self._seq: int | None = None
-        self._tokens = itertools.count(1)
+        self._seq_channel: bytes | None = None  # the channel the marker's message came on
+        self._tokens = Tokens()
+        self._junk = Junk(self.stats, self.url.endpoint())
         self._barriers: dict[bytes, asyncio.Future[None]] = {}
         self._pongs: dict[bytes, asyncio.Future[None]] = {}
         self._flow = _Flow()
@@ -454,7 +473,9 @@ class RedisTransport(NetworkTransport):
         try:
             sha = await cmd.call(b"SCRIPT", b"LOAD", SCRIPT)
             self._set_sha(sha)
-            pubsub = await self._open("pubsub", on_push=self._on_push, on_lost=on_lost)
+            pubsub = await self._open(
+                "pubsub", on_push=self._on_push, on_push_error=self._push_failed, on_lost=on_lost
+            )
         except ReplyError as exc:
             cmd.abort()
             raise ConnectError(
@@ -465,7 +486,7 @@ class RedisTransport(NetworkTransport):
             raise
         self._cmd, self._pubsub = cmd, pubsub
         cmd.before_write = self._seal
-        self._seq = None
+        self._seq = self._seq_channel = None
         try:
             commands = [pack(b"SUBSCRIBE", self._ctl, self._barrier_channel)]
             if self._channels:
@@ -947,12 +968,14 @@ class RedisTransport(NetworkTransport):
             while not self._closed:
                 await self._up.wait()
                 cmd = self._cmd
-                if cmd is None:
-                    continue
                 try:
+                    if cmd is None:
+                        raise RespLost("no command connection")
                     await cmd.call(b"PING")  # replies come in order: all earlier ones arrived
                 except RespLost:
-                    await self._lost.wait()
+                    # Until the supervisor noticed, `_up` and `_lost` are both set and waiting
+                    # on them would not yield: wait for the state change itself.
+                    await self.wait_disconnected()
                     continue
                 reload = self._noscript_task
                 if reload is None or reload.done():
@@ -966,13 +989,10 @@ class RedisTransport(NetworkTransport):
         if kind == b"message":
             channel = reply[1]
             if channel == self._ctl:
-                marker = reply[2]
-                self._seq = int(marker[1:]) if marker[:1] == b"r" else None
+                self._on_marker(reply[2])
                 return
             if channel == self._barrier_channel:
-                fut = self._barriers.pop(reply[2], None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
+                self._on_barrier(reply[2])
                 return
             native = self._channels.get(channel)
             if native is not None:
@@ -989,13 +1009,49 @@ class RedisTransport(NetworkTransport):
             if fut is not None and not fut.done():
                 fut.set_result(None)
 
+    def _on_marker(self, marker: bytes) -> None:
+        """``r<seq>`` before a retained publish's message, ``e`` after it; anything else: junk."""
+        if marker == b"e":
+            self._seq = None
+            return
+        seq = parse_seq(marker[1:]) if marker[:1] == b"r" else None
+        if seq is None:
+            self._junk("the control channel", marker[:64])
+        else:
+            self._seq, self._seq_channel = seq, None
+
+    def _on_barrier(self, token: bytes) -> None:
+        """A token on this bus's barrier channel: ours (maybe late), or junk from a client."""
+        fut = self._barriers.pop(token, None)
+        if fut is not None:
+            if not fut.done():
+                fut.set_result(None)
+        elif not self._tokens.issued(token):
+            self._junk("the barrier channel", token[:64])
+
+    def _push_failed(self, reply: Any, error: Exception) -> None:
+        """A pub/sub push that could not be handled: counted, logged, the link stays up."""
+        self._junk("a pub/sub message", error)
+        log.debug("handling %r failed", reply, exc_info=error)
+
     def _dispatch(self, native: _Native, channel: bytes, data: bytes) -> None:
         topic = self._channel_topics.get(channel)
         if topic is None:
+            topic = decode_topic(channel)
+            if topic is None:  # not a topic (bytes that are not UTF-8, or empty): junk
+                self._junk("a pattern subscription", channel[:64])
+                return
             if len(self._channel_topics) >= _TOPIC_CACHE:
                 self._channel_topics.clear()
-            topic = self._channel_topics[channel] = channel.decode("utf-8", "replace")
+            self._channel_topics[channel] = topic
         seq = self._seq
+        if seq is not None:
+            # A script's marker covers the one PUBLISH that follows it: its channel only, so a
+            # forged ``r<n>`` (junk) can tag no more than one channel's messages.
+            if self._seq_channel is None:
+                self._seq_channel = channel
+            elif self._seq_channel != channel:
+                seq = self._seq = None
         for flt, sub in native.routes:
             if flt is not None and not topic_matches(flt, topic):
                 continue
@@ -1046,12 +1102,20 @@ class RedisTransport(NetworkTransport):
     async def _snapshot(
         self, pattern: str, ns: bytes | None = None
     ) -> dict[str, tuple[int, bytes]]:
-        """Read the retained messages matching ``pattern`` (in namespace ``ns``) with sequences."""
+        """Read the retained messages matching ``pattern`` (in namespace ``ns``) with sequences.
+
+        A field that is no topic, or a sequence that is no number, was written by some other
+        client: counted as junk and skipped. A body without a sequence counts as number 0.
+        """
         out: dict[str, tuple[int, bytes]] = {}
         if "+" not in pattern and "#" not in pattern:
-            body, seq = await self._script(b"g", pattern.encode(), ns=ns)
+            body, seq_b = await self._script(b"g", pattern.encode(), ns=ns)
             if body:
-                out[pattern] = (int(seq or 0), body)
+                seq = parse_seq(seq_b) if seq_b else 0
+                if seq is None:
+                    self._junk("the retained sequences", pattern)
+                else:
+                    out[pattern] = (seq, body)
             return out
         glob = scan_glob(pattern).encode()
         cursor = b"0"
@@ -1059,9 +1123,12 @@ class RedisTransport(NetworkTransport):
             page = await self._script(b"s", cursor, glob, _SCAN_COUNT, ns=ns)
             cursor = page[0]
             for i in range(1, len(page), 3):
-                topic = page[i].decode("utf-8", "replace")
-                if page[i + 1] and topic_matches(pattern, topic):
-                    out[topic] = (int(page[i + 2]), page[i + 1])
+                topic = decode_topic(page[i])
+                seq = parse_seq(page[i + 2])
+                if topic is None or seq is None:
+                    self._junk("the retained hash", page[i][:64])
+                elif page[i + 1] and topic_matches(pattern, topic):
+                    out[topic] = (seq, page[i + 1])
             if cursor == b"0":
                 return out
 
@@ -1176,7 +1243,10 @@ class RedisTransport(NetworkTransport):
         if sub.queue is not None:
             key = ns + f"q:{sub.queue}/{sub.pattern}".encode()
             consumer = f"{o.client_id}:{next(self._queue_consumers)}"
-            return _Stream(key, consumer.encode(), sub.pattern, sub.queue, not sub.qos, ns)
+            prefetch = Prefetch(o.queue_prefetch, o.read_count)
+            return _Stream(
+                key, consumer.encode(), sub.pattern, sub.queue, not sub.qos, ns, prefetch
+            )
         # The n-th QoS 1 subscription of this client to a pattern: stable across restarts of
         # a process with a fixed client_id, so it resumes its stream.
         n = self._stream_names.get(sub.pattern, 0)
@@ -1274,9 +1344,16 @@ class RedisTransport(NetworkTransport):
                         delays = None
                     if not ready.done():
                         ready.set_result(None)
+                    if stream.prefetch is not None:
+                        room = stream.prefetch.room_for(len(stream.inflight))
+                        if room <= 0:
+                            await stream.prefetch.wait()
+                            continue
+                        command[5] = count = b"%d" % room
                     if stream.queue and not stream.noack and loop.time() >= next_claim:
                         next_claim = loop.time() + claim_every
                         await self._claim(sub, stream, conn, count)
+                        continue  # the claimed ones took room: count it again
                     try:
                         async with asyncio.timeout(block_ms / 1000 + 10.0):
                             reply = await conn.call(*command)
@@ -1375,40 +1452,67 @@ class RedisTransport(NetworkTransport):
                 continue
             if redelivered and (entry_id in stream.inflight or entry_id in stream.acking):
                 continue  # still with the handler (or its ack is on the way)
-            if fields[0] == b"b":
-                fut = stream.barriers.pop(fields[1], None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
+            if fields[0] == b"b" and len(fields) == 2:
+                self._stream_barrier(stream, fields[1])
                 if not noack:
                     self._queue_ack(stream, entry_id)
                 continue
-            if fields[0] == b"t" and len(fields) >= 4:
-                topic_b, data = fields[1], fields[3]
-                seq = int(fields[5]) if len(fields) >= 6 else None
-            else:
-                values = dict(zip(fields[::2], fields[1::2], strict=False))
-                topic_b, data = values.get(b"t", b""), values.get(b"d", b"")
-                seq = int(values[b"s"]) if b"s" in values else None
-                if not topic_b:
-                    if not noack:
-                        self._queue_ack(stream, entry_id)
-                    continue
-            topic = topic_b.decode("utf-8", "replace")
+            if len(stream.topics) >= _TOPIC_CACHE:
+                stream.topics.clear()
+            parsed = parse_entry(fields, stream.pattern, stream.topics)
+            if parsed is None:  # written by another client: one counted drop
+                self._junk(f"stream {stream.key.decode('utf-8', 'replace')}", entry_id)
+                if not noack:
+                    self._queue_ack(stream, entry_id)
+                continue
+            topic, data, seq = parsed
             if redelivered:
                 self.stats.duplicates += 1
             ack = None
-            if not noack:
+            if stream.prefetch is not None:
+                if not stream.inflight:
+                    stream.prefetch.started()
+                ack = functools.partial(self._ack if not noack else self._done, stream, entry_id)
+                stream.inflight.add(entry_id)
+            elif not noack:
                 stream.inflight.add(entry_id)
                 ack = functools.partial(self._ack, stream, entry_id)
             if not sub.push(topic, data, seq, ack):
                 await sub.sink.ready()
 
+    def _stream_barrier(self, stream: _Stream, token: bytes) -> None:
+        """A barrier entry: this subscriber's own (maybe late), or junk from another client.
+
+        A token of the adapter's shape from another bus is a stale one (a process with the
+        same ``client_id`` that stopped before reading it back): ignored, not counted.
+        """
+        fut = stream.barriers.pop(token, None)
+        if fut is not None:
+            if not fut.done():
+                fut.set_result(None)
+            return
+        bus, _, number = token.partition(b":")
+        if len(bus) != 16 or not _HEX.issuperset(bus) or parse_seq(number) is None:
+            self._junk(f"stream {stream.key.decode('utf-8', 'replace')}", token[:64])
+
     async def _ack(self, stream: _Stream, entry_id: bytes) -> None:
         """Message.ack: queue an XACK (sent batched with every other ack of this iteration)."""
         self._queue_ack(stream, entry_id)
 
+    async def _done(self, stream: _Stream, entry_id: bytes) -> None:
+        """Message.ack of a QoS 0 queue member (NOACK, nothing to send): the handler is done."""
+        inflight = stream.inflight
+        if entry_id in inflight and stream.prefetch is not None:
+            inflight.discard(entry_id)
+            stream.prefetch.finished(len(inflight))
+
     def _queue_ack(self, stream: _Stream, entry_id: bytes) -> None:
-        stream.inflight.discard(entry_id)
+        inflight = stream.inflight
+        if stream.prefetch is not None and entry_id in inflight:
+            inflight.discard(entry_id)
+            stream.prefetch.finished(len(inflight))
+        else:
+            inflight.discard(entry_id)
         stream.acking.add(entry_id)
         stream.to_ack.append(entry_id)
         self._ack_streams.add(stream)
