@@ -1,0 +1,186 @@
+"""The handler half of a subscription: one worker task calls the handler for each message.
+
+`HandlerWorker._run` is the per-message hot path (decode, dedupe, middleware, handler, ack),
+kept flat on purpose; failures are retried, dead-lettered or counted through the host, and a
+failing handler never stops its subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ._sink import SubscriptionSink, as_decode_error
+from ._stats import DropReason
+
+if TYPE_CHECKING:
+    from ._envelope import Envelope
+    from ._transport import Message
+
+__all__ = ["HandlerWorker"]
+
+log = logging.getLogger("cascade_bus")
+
+
+class HandlerWorker(SubscriptionSink):
+    """Handler mode of a subscription: the worker task and its retries (see `Subscription`)."""
+
+    def start(self, name: str) -> None:
+        """For the bus: start the worker task (named ``name``) of a handler subscription."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
+
+    async def _run(self) -> None:
+        """Worker task: hand queued messages to the handler in order (FIFO)."""
+        buf = self._buf
+        invoke = self._invoke
+        assert invoke is not None
+        decode = self._decode
+        decode_local = self._decode_local
+        # Untyped JSON from a bus in this process, the common case: `decode_local` inlined.
+        json_copy = self._json_copy
+        replace = msgspec.structs.replace
+        stats = self._stats
+        report = self._host.report
+        sem = self._sem
+        seen_ids: dict[str, None] | None = {} if self._policy.dedupe else None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not buf:
+                if self._closed:
+                    return
+                self._waiter = waiter = loop.create_future()
+                await waiter
+                continue
+            message = buf.popleft()
+            if self._room is not None and len(buf) <= self._low:
+                self._made_room()
+            try:
+                local = message.local
+                if local is None:
+                    env = decode(message.topic, message.data, message.headers)
+                elif json_copy is not None and local[1] is not None and not local[2]:
+                    env = local[0]
+                    headers = env.headers
+                    env = replace(
+                        env, payload=json_copy(local[1]), headers=dict(headers) if headers else {}
+                    )
+                else:
+                    env = decode_local(local)
+            except Exception as exc:  # a bad message must never stop the subscription
+                stats.drop(DropReason.DECODE_ERROR)
+                report(as_decode_error(exc, message.topic), message.topic, None)
+                await self._finish(message)
+                continue
+            if seen_ids is not None and self._seen_before(seen_ids, env.id):
+                await self._finish(message)
+                continue
+            if sem is not None:
+                await sem.acquire()
+                task = loop.create_task(self._handle_concurrently(message, env, sem))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+                continue
+            try:
+                await invoke(env)
+            except Exception as exc:  # a handler's failure must not stop the subscription
+                try:
+                    await self._failed(env, exc)
+                except asyncio.CancelledError:
+                    stats.drop(self._end_reason)
+                    raise
+            except asyncio.CancelledError:  # the subscription ended under this message
+                stats.drop(self._end_reason)
+                raise
+            else:
+                stats.delivered += 1
+            if message.ack is None and self._progress is None:
+                self._processed += 1  # `_finish` inline: no coroutine per message
+            else:
+                await self._finish(message)
+
+    def _seen_before(self, seen_ids: dict[str, None], env_id: str) -> bool:
+        """The ``dedupe`` window: True (counted) for an id among the last ones handled."""
+        if env_id in seen_ids:
+            self._stats.duplicates += 1
+            self._stats.drop(DropReason.DUPLICATE)
+            return True
+        seen_ids[env_id] = None
+        if len(seen_ids) > self._policy.dedupe:
+            del seen_ids[next(iter(seen_ids))]  # oldest first: dicts keep insertion order
+        return False
+
+    async def _handle_concurrently(
+        self, message: Message, env: Envelope[Any], sem: asyncio.Semaphore
+    ) -> None:
+        assert self._invoke is not None
+        try:
+            try:
+                await self._invoke(env)
+            except Exception as exc:
+                await self._failed(env, exc)
+            else:
+                self._stats.delivered += 1
+        except asyncio.CancelledError:  # the subscription ended under this message
+            self._stats.drop(self._end_reason)
+            raise
+        finally:
+            sem.release()
+        await self._finish(message)
+
+    async def _finish(self, message: Message) -> None:
+        """Ack (at-least-once transports) and record progress for retained catch-up."""
+        if message.ack is not None:
+            await self._ack(message)
+        self._processed += 1
+        progress = self._progress
+        if progress is not None and self._processed >= progress[0]:
+            self._progress = None
+            if not progress[1].done():
+                progress[1].set_result(None)
+
+    async def _failed(self, env: Envelope[Any], error: Exception) -> None:
+        """A handler raised: retry with backoff, then dead-letter or count the failure."""
+        policy = self._policy
+        attempts = 1
+        assert self._invoke is not None
+        while attempts <= policy.retries and not self._closed:
+            await asyncio.sleep(policy.retry_delay * 2 ** (attempts - 1))
+            attempts += 1
+            try:
+                await self._invoke(env)
+            except Exception as exc:
+                error = exc
+            else:
+                self._stats.delivered += 1
+                return
+        if policy.dead_letter is not None:
+            try:
+                await self._host.dead_letter(policy.dead_letter, env, error, attempts)
+            except Exception as exc:
+                self._host.report(exc, env.topic, env)
+            else:
+                self._stats.dead_lettered += 1
+                self._host.report(error, env.topic, env)
+                return
+        self._stats.drop(DropReason.HANDLER_ERROR)
+        self._host.report(error, env.topic, env)
+
+    async def caught_up(self, timeout: float) -> None:
+        """For the bus: wait until the handler ran for all received so far (retained replay)."""
+        if self._handler is None or self._processed >= self._received:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._progress = (self._received, fut)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            log.warning(
+                "handler for %r did not finish the retained messages within %.1fs; "
+                "subscribe() returns anyway",
+                self.pattern,
+                timeout,
+            )
