@@ -15,7 +15,7 @@ from typing import Any
 
 import paho.mqtt.client as paho_mqtt
 import pytest
-from cascade_bus_mqtt._transport import (
+from cascade_bus_mqtt._packets import (
     _Malformed,
     _parse_publish,
     _publish_packet,
@@ -324,13 +324,13 @@ async def test_the_window_holds_publishes_back_and_releases_them_in_order(
     transport = kit.mqtt(pub)
     sends = asyncio.gather(*(pub.publish(f"{unique_topic}/w", n, qos=1) for n in range(300)))
     await asyncio.sleep(0)  # a yield: each publish has been handed to the transport
-    assert len(transport._inflight) == 3
-    assert len(transport._waiting) == 297
+    assert len(transport._inflight.sent) == 3
+    assert len(transport._inflight.waiting) == 297
     async with asyncio.timeout(kit.WAIT):
         await sends
     assert await inbox.wait_for(300) == list(range(300))
-    assert not transport._inflight
-    assert not transport._waiting
+    assert not transport._inflight.sent
+    assert not transport._inflight.waiting
 
 
 async def test_waiting_publishes_are_resent_in_order_after_a_cut(
@@ -348,7 +348,7 @@ async def test_waiting_publishes_are_resent_in_order_after_a_cut(
     transport = kit.mqtt(pub)
     first = asyncio.gather(*(pub.publish(f"{unique_topic}/r", n, qos=1) for n in range(100)))
     await asyncio.sleep(0)  # a yield: two in flight, 98 held by the window
-    assert len(transport._waiting) == 98
+    assert len(transport._inflight.waiting) == 98
     proxy.pause()  # reconnect attempts are refused until resume()
     assert await proxy.cut() == 1
     await kit.wait_disconnected(pub)
@@ -394,4 +394,4 @@ async def test_a_publish_the_broker_refuses_raises_and_the_next_goes_through(
     assert await inbox.wait_for(1) == [{"n": 1}]
     assert pub.stats().dropped == {"publish_failed": 1}
     await pub.flush()
-    assert not kit.mqtt(pub)._inflight
+    assert not kit.mqtt(pub)._inflight.sent

@@ -46,6 +46,8 @@ class MqttOptions:
     unclaimed_buffer: int
     # MQTT 5 Receive Maximum announced in CONNECT (0: not announced, the broker's window).
     receive_maximum: int
+    # The shared reconnect / offline-buffer / TLS settings as parsed (for the Supervisor).
+    network: NetworkOptions
 
     def __repr__(self) -> str:
         return (
@@ -140,6 +142,7 @@ class MqttOptions:
             presence_topic=None if presence_topic is None else str(presence_topic),
             unclaimed_buffer=unclaimed,
             receive_maximum=receive_maximum,
+            network=net,
         )
 
 

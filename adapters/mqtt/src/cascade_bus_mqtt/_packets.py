@@ -1,0 +1,311 @@
+"""MQTT packets of the hot path, encoded and decoded here (paho keeps the rest of the protocol).
+
+PUBLISH out (`_publish_packet`), PUBLISH in (`_parse_publish`), remaining lengths, MQTT 5
+property blocks (`encode_props`), the checked topic cache (`TopicHeads`) and the merging of
+paho's write queue into one ``send`` (`_coalesce`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import paho.mqtt.client as paho_mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+#: Topics under this prefix are the adapter's own (subscribe barriers); never delivered.
+RESERVED_PREFIX = "_cascade_bus/"
+#: MQTT 5 user property (value ``"1"``) on every retained publish of a cascade-bus bus, clears
+#: and the retained will included. The broker sends a subscriber that is already subscribed the
+#: live copy with the RETAIN flag off (no Retain As Published), so without it a receiver could
+#: not tell a retained value set while it listened from a plain message; with it the message
+#: arrives as ``Message(retain=True)`` and its subscription tracks the topic for a resync. The
+#: property is removed on receipt (never in an envelope's headers) and dropped from the headers
+#: of a publish that is not retained. MQTT 3.1.1 has no user properties: there it is not sent.
+RETAIN_PROPERTY = "cb-retain"
+_MAX_PAYLOAD = 268_435_455  # MQTT's largest remaining length
+_COALESCE_BYTES = 64 * 1024  # at most this much of paho's queue goes into one send
+_NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK/PUBREC reason code (a success code)
+_PUBLISH, _PUBACK, _PUBREC, _PUBREL, _PUBCOMP = 0x30, 0x40, 0x50, 0x60, 0x70
+_TOPIC_CACHE = 4096  # encoded topics kept (cleared when full)
+
+
+def _marker_props(kind: int) -> Properties:
+    """Properties (of packet type ``kind``) carrying just the `RETAIN_PROPERTY` marker."""
+    props = Properties(kind)  # type: ignore[no-untyped-call]
+    props.UserProperty = [(RETAIN_PROPERTY, "1")]
+    return props
+
+
+# The PUBLISH property block of a retained publish without headers (MQTT 5).
+_RETAIN_PROPS: bytes = _marker_props(PacketTypes.PUBLISH).pack()  # type: ignore[no-untyped-call]
+_NO_PROPS = b"\x00"
+
+
+def encode_props(headers: Mapping[str, str] | None, retain: bool) -> bytes:
+    """The MQTT 5 PUBLISH property block: ``headers`` as user properties.
+
+    A retained publish (a clear too) also carries the `RETAIN_PROPERTY` marker; a marker
+    among ``headers`` is never sent as given (only ``retain`` decides it).
+    """
+    if not headers:
+        return _RETAIN_PROPS if retain else _NO_PROPS
+    pairs = [item for item in headers.items() if item[0] != RETAIN_PROPERTY]
+    if retain:
+        pairs.append((RETAIN_PROPERTY, "1"))
+    if not pairs:
+        return _NO_PROPS
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.UserProperty = pairs
+    packed: bytes = props.pack()  # type: ignore[no-untyped-call]
+    return packed
+
+
+class TopicHeads(dict[str, bytes]):
+    """Topics as a PUBLISH carries them (length-prefixed UTF-8), checked once and cached."""
+
+    def head(self, topic: str) -> bytes:
+        """The head of ``topic``, from the cache or checked and added.
+
+        Raises:
+            ValueError: empty, a wildcard, or longer than MQTT allows.
+        """
+        head = self.get(topic)
+        if head is not None:
+            return head
+        raw = topic.encode()
+        if not raw:
+            raise ValueError("Invalid topic.")
+        if b"+" in raw or b"#" in raw:
+            raise ValueError("Publish topic cannot contain wildcards.")
+        if len(raw) > 0xFFFF:
+            raise ValueError("Publish topic is too long.")
+        if len(self) >= _TOPIC_CACHE:
+            self.clear()
+        head = self[topic] = len(raw).to_bytes(2, "big") + raw
+        return head
+
+
+class _PublishedInfos:
+    """Completes the QoS 0 publishes merged into one write (see `_coalesce`)."""
+
+    __slots__ = ("infos",)
+
+    def __init__(self, infos: list[paho_mqtt.MQTTMessageInfo]) -> None:
+        self.infos = infos
+
+    def _set_as_published(self) -> None:
+        for info in self.infos:
+            info._set_as_published()
+
+
+def _coalesce(out: deque[Any]) -> None:
+    """Merge the packets paho queued into one buffer, so that a burst costs one ``send``.
+
+    paho writes each packet with its own ``send`` call (with TCP_NODELAY, its own TCP
+    segment too), and on loopback that system call is the largest single cost of a publish.
+    After a packet is fully written paho does something for two kinds only: a QoS 0 PUBLISH
+    (``on_publish`` and its ``MQTTMessageInfo`` marked published) and DISCONNECT. So packets up
+    to the first DISCONNECT become one QoS 0 PUBLISH entry with mid 0 (never a real one: paho
+    numbers from 1), whose completion marks every merged QoS 0 publish published; our
+    ``_on_publish`` ignores mid 0. A packet already partly written keeps its position; a
+    burst stops at ``_COALESCE_BYTES`` so a retry after a short write copies little.
+    """
+    parts: list[bytes | bytearray | memoryview] = []
+    infos: list[paho_mqtt.MQTTMessageInfo] = []
+    size = 0
+    taken = 0
+    for packet in out:
+        if packet["command"] & 0xF0 == paho_mqtt.DISCONNECT:
+            break
+        data = packet["packet"]
+        pos = packet["pos"]
+        chunk = memoryview(data)[pos:] if pos else data
+        if taken and size + len(chunk) > _COALESCE_BYTES:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+        taken += 1
+        if packet["command"] & 0xF0 == paho_mqtt.PUBLISH and packet["qos"] == 0:
+            info = packet["info"]
+            if info is not None:
+                infos.append(info)
+    if taken < 2:
+        return
+    for _ in range(taken):
+        out.popleft()
+    merged = b"".join(parts)
+    out.appendleft(
+        {
+            # Completed as a QoS 0 PUBLISH only when it carries some (on_publish, mid 0).
+            "command": paho_mqtt.PUBLISH if infos else 0,
+            "mid": 0,
+            "qos": 0,
+            "pos": 0,
+            "to_process": len(merged),
+            "packet": merged,
+            "info": _PublishedInfos(infos),
+        }
+    )
+
+
+def _remaining(size: int) -> bytes:
+    """MQTT's variable-length encoding of a packet's remaining length."""
+    out = bytearray()
+    while True:
+        byte, size = size & 0x7F, size >> 7
+        if size:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _publish_packet(
+    head: bytes, data: bytes, qos: int, retain: bool, props: bytes, mid: int
+) -> bytes:
+    """A whole PUBLISH packet; ``head`` is the length-prefixed topic (see `TopicHeads`)."""
+    size = len(head) + len(props) + len(data)
+    first = _PUBLISH | qos << 1 | retain
+    if qos:
+        size += 2
+        fixed = bytes((first, size)) if size < 128 else bytes((first,)) + _remaining(size)
+        return b"".join((fixed, head, mid.to_bytes(2, "big"), props, data))
+    fixed = bytes((first, size)) if size < 128 else bytes((first,)) + _remaining(size)
+    return b"".join((fixed, head, props, data))
+
+
+def _opaque(packet: bytes | memoryview, pos: int = 0) -> dict[str, Any]:
+    """An entry for paho's write queue that paho writes and otherwise ignores (command 0).
+
+    paho acts after writing two kinds of packet only (a QoS 0 PUBLISH: its ``on_publish``; a
+    DISCONNECT); ours must be neither.
+    """
+    return {
+        "command": 0,
+        "mid": 0,
+        "qos": 0,
+        "pos": pos,
+        "to_process": len(packet) - pos,
+        "packet": packet,
+        "info": None,
+    }
+
+
+class _Malformed(Exception):
+    """The broker sent bytes that are not an MQTT packet."""
+
+
+def _remaining_length(data: bytes | bytearray, at: int, end: int) -> tuple[int, int]:
+    """Decode a remaining length at ``at``: (length, where the packet body starts).
+
+    The start is -1 when the length is not all there yet.
+    """
+    length = 0
+    shift = 0
+    for index in range(at, min(at + 4, end)):
+        byte = data[index]
+        length |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return length, index + 1
+        shift += 7
+    if end - at >= 4:
+        raise _Malformed("remaining length longer than 4 bytes")
+    return 0, -1
+
+
+_Received = tuple[str, bytes, int, int, bool, bool, "dict[str, str] | None", "list[int] | None"]
+
+
+def _parse_publish(
+    command: int, data: bytes | bytearray, start: int, stop: int, v5: bool
+) -> _Received | None:
+    """Decode a QoS 0 or 1 PUBLISH: topic, payload, qos, mid, dup, retain, headers, ids.
+
+    None for anything unusual (a malformed or non-UTF-8 topic, an MQTT 5 property we do not
+    read): paho then decodes it as before. Of the properties, the user properties (headers)
+    and subscription identifiers are read; the ones we ignore are skipped.
+    """
+    qos = (command >> 1) & 3
+    at = start + 2
+    if at > stop:
+        return None
+    end = at + (data[start] << 8 | data[start + 1])
+    if end > stop or end == at:
+        return None
+    try:
+        topic = data[at:end].decode()
+    except UnicodeDecodeError:
+        return None
+    mid = 0
+    if qos:
+        if end + 2 > stop:
+            return None
+        mid = data[end] << 8 | data[end + 1]
+        end += 2
+    headers: dict[str, str] | None = None
+    ids: list[int] | None = None
+    if v5:
+        try:
+            size, at = _remaining_length(data, end, stop)
+        except _Malformed:
+            return None
+        end = at + size
+        if at < 0 or end > stop:
+            return None
+        while at < end:
+            ident = data[at]
+            at += 1
+            if ident == 0x0B:  # subscription identifier
+                try:
+                    value, at = _remaining_length(data, at, end)
+                except _Malformed:
+                    return None
+                if at < 0:
+                    return None
+                if ids is None:
+                    ids = [value]
+                else:
+                    ids.append(value)
+            elif ident == 0x26:  # user property: two UTF-8 strings
+                if at + 2 > end:
+                    return None
+                key_end = at + 2 + (data[at] << 8 | data[at + 1])
+                if key_end + 2 > end:
+                    return None
+                value_end = key_end + 2 + (data[key_end] << 8 | data[key_end + 1])
+                if value_end > end:
+                    return None
+                try:
+                    key = data[at + 2 : key_end].decode()
+                    value_text = data[key_end + 2 : value_end].decode()
+                except UnicodeDecodeError:
+                    return None
+                if headers is None:
+                    headers = {}
+                headers[key] = value_text
+                at = value_end
+            elif ident == 0x01:  # payload format indicator
+                at += 1
+            elif ident == 0x02:  # message expiry interval
+                at += 4
+            elif ident in (0x03, 0x08, 0x09):  # content type, response topic, correlation
+                if at + 2 > end:
+                    return None
+                at += 2 + (data[at] << 8 | data[at + 1])
+            else:  # a topic alias, or anything else: paho's
+                return None
+        if at != end:
+            return None
+    return (
+        topic,
+        bytes(data[end:stop]),
+        qos,
+        mid,
+        bool(command & 0x08),
+        bool(command & 0x01),
+        headers,
+        ids,
+    )
