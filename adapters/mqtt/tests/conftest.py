@@ -11,36 +11,20 @@ import contextlib
 import shutil
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import cast
 
 import pytest
 from cascade_bus_mqtt import MqttTransport
 
 from cascade_bus import Bus
 from cascade_bus.testing.inbox import Inbox
-
-#: Small reconnect backoff so that fault tests recover in tens of milliseconds.
-FAST_RECONNECT: dict[str, Any] = {"reconnect_min": 0.02, "reconnect_max": 0.2}
-#: Upper bound for any single wait in these tests.
-WAIT = 10.0
+from cascade_bus.testing.waits import FAST_RECONNECT, WAIT, wait_connected, wait_disconnected
 
 
 def mqtt(bus: Bus) -> MqttTransport:
     """The bus's transport, as the MQTT transport."""
     assert isinstance(bus.transport, MqttTransport)
     return cast(MqttTransport, bus.transport)
-
-
-async def wait_connected(bus: Bus, *, reconnects: int = 0, timeout: float = WAIT) -> None:
-    """Wait (bounded) until the bus is connected after at least ``reconnects`` reconnects."""
-    async with asyncio.timeout(timeout):
-        await mqtt(bus).wait_connected(reconnects=reconnects)
-
-
-async def wait_disconnected(bus: Bus, timeout: float = WAIT) -> None:
-    """Wait (bounded) until the bus noticed that its connection is gone."""
-    async with asyncio.timeout(timeout):
-        await mqtt(bus).wait_disconnected()
 
 
 @pytest.fixture

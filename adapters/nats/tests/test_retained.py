@@ -119,20 +119,20 @@ async def test_wildcard_snapshot_lists_few_keys_and_streams_many(
     Up to ``_LISTED_MAX`` matching keys are listed by the bucket's leader and read one by one;
     beyond that a consumer streams them. Both give every value, oldest write first.
     """
-    from cascade_bus_nats import _transport
+    from cascade_bus_nats import _retained
 
     bus = await cascade_bus.connect(nats_url)
     buses.append(bus)
     transport = bus.transport
     streamed: list[str] = []
-    original = transport._snapshot_consumer
+    original = transport._retained._snapshot_consumer
 
     async def spy(filter_subject: str) -> Any:
         streamed.append(filter_subject)
         return await original(filter_subject)
 
-    monkeypatch.setattr(transport, "_snapshot_consumer", spy)
-    many = _transport._LISTED_MAX + 20
+    monkeypatch.setattr(transport._retained, "_snapshot_consumer", spy)
+    many = _retained.LISTED_MAX + 20
     for i in range(many):
         await bus.publish(f"{unique_topic}/many/{i}", i, retain=True)
     for i in range(3):
@@ -168,7 +168,7 @@ async def test_bucket_without_direct_gets_is_read_through_its_leader(
         await nc.close()
     bus = await cascade_bus.connect(server.url)
     buses.append(bus)
-    assert bus.transport._kv_direct is False
+    assert bus.transport._js.kv_direct is False
     await bus.publish(f"{unique_topic}/a", {"v": 1}, retain=True, headers={"k": "v"})
     await bus.publish(f"{unique_topic}/b", "b", retain=True)
     await bus.publish(f"{unique_topic}/b", b"", retain=True)

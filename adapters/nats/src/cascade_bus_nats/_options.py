@@ -9,10 +9,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cascade_bus import InvalidURL, UnsupportedFeature
-from cascade_bus.spi import BusURL, NetworkOptions, parse_bool, parse_float, parse_int
+import msgspec
 
-__all__ = ["DEFAULT_PORT", "NatsOptions"]
+from cascade_bus import InvalidURL, UnsupportedFeature
+from cascade_bus.spi import (
+    BusURL,
+    Capabilities,
+    NetworkOptions,
+    parse_bool,
+    parse_float,
+    parse_int,
+)
+
+__all__ = ["CAPABILITIES", "DEFAULT_PORT", "NatsOptions", "capabilities"]
 
 DEFAULT_PORT = 4222
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -212,3 +221,33 @@ def _host(host: str) -> str:
     if ":" in host:
         return f"[{host}]"  # an IPv6 literal
     return host or "127.0.0.1"
+
+
+CAPABILITIES = Capabilities(
+    max_qos=1,
+    retain=True,
+    retain_emulated=True,
+    wildcards=True,
+    headers=True,
+    queue_groups=True,
+    request_reply=True,
+    no_responders=True,
+    will=False,
+    persistence=True,
+    ordering=True,
+    max_payload=1_048_576,
+    emulated=frozenset({"retain"}),
+)
+_NO_RETAIN = msgspec.structs.replace(
+    CAPABILITIES, retain=False, retain_emulated=False, emulated=frozenset()
+)
+_CORE = msgspec.structs.replace(_NO_RETAIN, max_qos=0, persistence=False)
+
+
+def capabilities(opts: NatsOptions) -> Capabilities:
+    """What a transport with these options can do (no JetStream: QoS 0, nothing retained)."""
+    if not opts.jetstream:
+        return _CORE
+    if not opts.retain:
+        return _NO_RETAIN
+    return CAPABILITIES

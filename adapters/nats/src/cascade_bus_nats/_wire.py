@@ -1,0 +1,126 @@
+"""NATS wire details the transport shares: header names, subjects, JetStream replies.
+
+Plain functions and msgspec decoders only; no state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import msgspec
+
+from cascade_bus import InvalidTopic, validate_topic
+
+from ._mapper import subject_from_topic
+
+#: Header of a retained message's live copy: the revision of its KV entry (stripped on receipt).
+REVISION_HEADER = "Cascade-Bus-Rev"
+MSG_ID = "Nats-Msg-Id"
+KV_OP = "KV-Operation"
+STATUS = "Status"
+# Headers a direct get or JetStream adds to a stored message; not the publisher's.
+STORED_HEADERS = (
+    "Nats-Stream",
+    "Nats-Subject",
+    "Nats-Sequence",
+    "Nats-Time-Stamp",
+    "Nats-Last-Sequence",
+    KV_OP,
+    MSG_ID,
+)
+ACK = b"+ACK"
+INBOX = "_INBOX."
+JS_ACK = "$JS.ACK."
+# nats-server's default max_control_line is 4 KiB; the subject shares that line.
+MAX_SUBJECT_BYTES = 3_800
+DEFAULT_MAX_PAYLOAD = 1_048_576
+#: Room a JetStream publish needs for the headers the transport adds (id, revision).
+JS_HEADROOM = {MSG_ID: "x" * 40, REVISION_HEADER: "0" * 12}
+
+
+class ApiError(msgspec.Struct):
+    """The ``error`` of a JetStream API answer."""
+
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class PubAck(msgspec.Struct):
+    """A JetStream publish acknowledgement."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: ApiError | None = None
+
+
+pub_ack = msgspec.json.Decoder(PubAck)
+
+
+class _SubjectsState(msgspec.Struct):
+    subjects: dict[str, int] | None = None
+
+
+class SubjectsInfo(msgspec.Struct):
+    """The part of a ``STREAM.INFO`` answer (with ``subjects_filter``) the snapshot reads."""
+
+    state: _SubjectsState = msgspec.field(default_factory=_SubjectsState)
+    error: ApiError | None = None
+    limit: int = 0  # set when the server paged the subjects
+
+
+subjects_info = msgspec.json.Decoder(SubjectsInfo)
+
+
+def reply_subject(reply_to: str) -> str:
+    """The NATS reply subject for a request's portable ``reply_to``, or "" if it cannot be one.
+
+    Sent as the NATS reply subject, it lets the server answer "no responders" (a 503 status
+    on that subject) when nothing is subscribed to the request's subject.
+    """
+    try:
+        validate_topic(reply_to)
+    except InvalidTopic:
+        return ""
+    subject = subject_from_topic(reply_to)
+    return subject if len(subject.encode()) <= MAX_SUBJECT_BYTES else ""
+
+
+def is_no_responders(data: bytes, headers: dict[str, str]) -> bool:
+    """Tell whether a received message is the server's "no responders" status (503, no body)."""
+    return not data and headers.get(STATUS) == "503"
+
+
+def split_headers(
+    headers: dict[str, str], own_ids: str
+) -> tuple[dict[str, str] | None, str | None]:
+    """Take the adapter's own headers out of a received message's headers."""
+    rev = headers.pop(REVISION_HEADER, None)
+    msg_id = headers.get(MSG_ID)
+    if msg_id is not None and msg_id.startswith(own_ids):
+        del headers[MSG_ID]
+    return (headers or None), rev
+
+
+def stored_headers(headers: dict[str, str] | None) -> dict[str, str] | None:
+    """The publisher's headers of a stored KV entry (without what JetStream added)."""
+    if not headers:
+        return None
+    kept = {k: v for k, v in headers.items() if k not in STORED_HEADERS}
+    kept.pop(REVISION_HEADER, None)
+    return kept or None
+
+
+def ack_reply_fields(reply: str) -> tuple[int, int, int]:
+    """(delivered count, stream sequence, pending) from a ``$JS.ACK...`` reply subject."""
+    tokens = reply.split(".")
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        return int(tokens[4]), int(tokens[5]), int(tokens[8])
+    # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>...
+    return int(tokens[6]), int(tokens[7]), int(tokens[10])
+
+
+def header_bytes(headers: Mapping[str, str]) -> int:
+    """The size of a header block on the wire (close enough to check max_payload)."""
+    return 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
