@@ -13,19 +13,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from cascade_bus import InvalidURL, UnsupportedFeature
-from cascade_bus.spi import BusURL, parse_bool, parse_float, parse_int
+from cascade_bus.spi import (
+    NETWORK_OPTIONS,
+    BusURL,
+    NetworkOptions,
+    parse_bool,
+    parse_float,
+    parse_int,
+)
 
 __all__ = ["RedisOptions"]
 
-KNOWN = frozenset(
+KNOWN = NETWORK_OPTIONS | frozenset(
     {
         "db",
         "username",
         "password",
-        "ca_file",
-        "certfile",
-        "keyfile",
-        "tls_verify",
         "prefix",
         "client_id",
         "stream_maxlen",
@@ -33,10 +36,6 @@ KNOWN = frozenset(
         "claim_idle",
         "read_count",
         "queue_prefetch",
-        "reconnect",
-        "reconnect_min",
-        "reconnect_max",
-        "offline_buffer",
         "health_check_interval",
         "max_payload",
         "max_inflight",
@@ -54,7 +53,11 @@ DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True, repr=False)
 class RedisOptions:
-    """Every option the Redis transport understands, with its default."""
+    """Every option the Redis transport understands, with its default.
+
+    Reconnect, offline-buffer and TLS settings are the kit's shared `NetworkOptions` (``net``);
+    ``tls`` is ``net.tls``.
+    """
 
     host: str
     port: int
@@ -71,10 +74,7 @@ class RedisOptions:
     read_count: int
     queue_prefetch: int
     """The least a queue-group member may hold unhandled (read ahead); see ``_prefetch``."""
-    reconnect: bool
-    reconnect_min: float
-    reconnect_max: float
-    offline_buffer: int
+    net: NetworkOptions
     health_check_interval: float
     max_payload: int
     max_inflight: int
@@ -135,7 +135,7 @@ class RedisOptions:
                 f"{url.scheme}+cluster://host:port,host:port (Sentinel is not supported; "
                 f"got {len(url.hosts)} hosts in {url.redacted()!r})"
             )
-        tls_wanted = url.scheme in ("rediss", "rediss+cluster")
+        net = NetworkOptions.parse(opts, scheme=url.scheme, tls=url.scheme.startswith("rediss"))
         db_text = url.path.strip("/")
         if cluster:
             if db_text not in ("", "0"):
@@ -180,7 +180,7 @@ class RedisOptions:
             username=opts.get("username", url.username),
             password=opts.get("password", url.password),
             db=db,
-            tls=_tls_context(opts) if tls_wanted else None,
+            tls=net.tls,
             prefix=prefix,
             client_id=str(client_id) if client_id is not None else os.urandom(8).hex(),
             client_id_given=client_id is not None,
@@ -189,10 +189,7 @@ class RedisOptions:
             claim_idle=parse_float("claim_idle", opts.get("claim_idle", 30.0)),
             read_count=read_count,
             queue_prefetch=queue_prefetch,
-            reconnect=parse_bool("reconnect", opts.get("reconnect", True)),
-            reconnect_min=parse_float("reconnect_min", opts.get("reconnect_min", 0.05)),
-            reconnect_max=parse_float("reconnect_max", opts.get("reconnect_max", 5.0)),
-            offline_buffer=parse_int("offline_buffer", opts.get("offline_buffer", 10_000)),
+            net=net,
             health_check_interval=parse_float(
                 "health_check_interval", opts.get("health_check_interval", 10.0)
             ),
@@ -208,18 +205,3 @@ class RedisOptions:
                 parse_bool("tls_verify", opts.get("tls_verify", True)),
             ),
         )
-
-
-def _tls_context(opts: Mapping[str, Any]) -> ssl.SSLContext:
-    """Build the TLS context for ``rediss://`` from ca_file / certfile / keyfile / tls_verify."""
-    verify = parse_bool("tls_verify", opts.get("tls_verify", True))
-    try:
-        context = ssl.create_default_context(cafile=opts.get("ca_file"))
-        if opts.get("certfile"):
-            context.load_cert_chain(opts["certfile"], opts.get("keyfile"))
-    except (OSError, ssl.SSLError) as exc:
-        raise InvalidURL(f"cannot load the TLS files for rediss://: {exc}") from None
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
