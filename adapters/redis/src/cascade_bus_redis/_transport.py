@@ -129,6 +129,10 @@ class RedisTransport(Streams):
 
         def on_lost(exc: BaseException | None) -> None:
             lost.set()
+            if lost is self._lost:  # not an older pair's late callback
+                # A resync waiting on a barrier of this pair would otherwise wait for ever
+                # (the supervisor fails them only once it runs again).
+                self._fail_sync(ConnectionLost(f"lost the connection to {self.url.endpoint()}"))
 
         cmd = await self._open(
             "commands", on_reply=self._on_reply, on_orphan=self._on_orphan, on_lost=on_lost
