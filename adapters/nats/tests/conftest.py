@@ -16,15 +16,11 @@ from cascade_bus_nats import NatsTransport
 
 from cascade_bus import Bus
 from cascade_bus.testing.inbox import Inbox
+from cascade_bus.testing.waits import FAST_RECONNECT as SHARED_FAST_RECONNECT
+from cascade_bus.testing.waits import WAIT, wait_connected, wait_disconnected
 
-#: Small reconnect waits so that fault tests recover in tens of milliseconds.
-FAST_RECONNECT: dict[str, Any] = {
-    "reconnect_min": 0.02,
-    "reconnect_max": 0.2,
-    "connect_attempt_timeout": 1.0,
-}
-#: Upper bound for any single wait in these tests.
-WAIT = 10.0
+#: The shared fast reconnect, and a short connect attempt (nats-py's own bound).
+FAST_RECONNECT: dict[str, Any] = {**SHARED_FAST_RECONNECT, "connect_attempt_timeout": 1.0}
 
 
 def nats(bus: Bus) -> NatsTransport:
@@ -32,18 +28,6 @@ def nats(bus: Bus) -> NatsTransport:
     transport = bus.transport
     assert isinstance(transport, NatsTransport)
     return transport
-
-
-async def wait_connected(bus: Bus, *, reconnects: int = 0, timeout: float = WAIT) -> None:
-    """Wait (bounded) until the bus is connected after at least ``reconnects`` reconnects."""
-    async with asyncio.timeout(timeout):
-        await nats(bus).wait_connected(reconnects=reconnects)
-
-
-async def wait_disconnected(bus: Bus, timeout: float = WAIT) -> None:
-    """Wait (bounded) until the bus noticed that its connection is gone."""
-    async with asyncio.timeout(timeout):
-        await nats(bus).wait_disconnected()
 
 
 @pytest.fixture

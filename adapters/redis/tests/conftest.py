@@ -30,29 +30,13 @@ from cascade_bus.testing.brokers import (
 )
 from cascade_bus.testing.inbox import Inbox
 from cascade_bus.testing.pytest_plugin import broker_unavailable
-
-#: Small reconnect backoff so that fault tests recover in tens of milliseconds.
-FAST_RECONNECT: dict[str, Any] = {"reconnect_min": 0.02, "reconnect_max": 0.2}
-#: Upper bound for any single wait in these tests.
-WAIT = 10.0
+from cascade_bus.testing.waits import FAST_RECONNECT, WAIT, wait_connected, wait_disconnected
 
 
 def redis_transport(bus: Bus) -> RedisTransport:
     """The bus's transport, as the Redis transport."""
     assert isinstance(bus.transport, RedisTransport)
     return cast(RedisTransport, bus.transport)
-
-
-async def wait_connected(bus: Bus, *, reconnects: int = 0, timeout: float = WAIT) -> None:
-    """Wait (bounded) until the bus is connected after at least ``reconnects`` reconnects."""
-    async with asyncio.timeout(timeout):
-        await redis_transport(bus).wait_connected(reconnects=reconnects)
-
-
-async def wait_disconnected(bus: Bus, timeout: float = WAIT) -> None:
-    """Wait (bounded) until the bus noticed that its connection is gone."""
-    async with asyncio.timeout(timeout):
-        await redis_transport(bus).wait_disconnected()
 
 
 @pytest.fixture
