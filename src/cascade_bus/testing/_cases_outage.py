@@ -65,7 +65,11 @@ class OutageCases(FaultBase):
     ) -> None:
         """Retained values first seen live (set after subscribing) resync like replayed ones."""
         if not self.live_retain_known:
-            pytest.skip(f"{type(self).__name__}: live_retain_known is False (see its docstring)")
+            pytest.skip(
+                f"{type(self).__name__}: the transport cannot tell a live retained publish from "
+                "a plain one (live_retain_known = False), so values first seen live are not "
+                "tracked"
+            )
         controller = await make_bus()
         self.require(controller, "retain", "wildcards")
         subscriber = await self.behind(make_bus, outage)

@@ -1,48 +1,11 @@
-r"""The Redis Cluster transport: ``redis+cluster://host:port,host:port`` (``rediss+cluster://``).
+"""The Redis Cluster transport: ``redis+cluster://host:port,host:port`` (``rediss+cluster://``).
 
-It is the standalone transport (`RedisTransport`) with the connection layer swapped; the same
-Lua script, retained-message procedure (window, snapshot, barrier), stream routes, consumer
-groups, acks and claims run unchanged, each inside one *namespace* per shard key. Its layers,
-one concern each: ``_cluster_client`` (naming, the redis-py client, the records) ->
-``_cluster_leases`` (pattern leases, snapshots, the classic barrier) -> ``_cluster_links`` (one
-pub/sub link per master, frames, barriers) -> ``_cluster_publish`` (the sender and its
-pipelines) -> this module (connect, subscribe, acks, heartbeat, close).
-
-Sharding. The first ``shard_levels`` levels of a topic (default 1: ``cascade`` for
-``cascade/telemetry/...``) are its *shard key*. Every key the adapter keeps for a topic — its
-retained body and sequence, the stream routes and QoS 1 / queue streams whose pattern fixes those
-levels, the pattern leases — is named ``<prefix>{<shard key>}...``, so Redis hashes them all to
-one slot and one atomic script per publish still works. Different shard keys spread over the
-slots and so over the masters.
-
-Clients. Commands go through redis-py's asyncio ``RedisCluster`` (topology discovery, MOVED and
-ASK redirects, a refreshed slot map after a failover): publishes are batched by one sender task
-into cluster pipelines (one round trip per node per batch, in order per node), everything else
-is one command. Pub/sub does *not* use redis-py's ``ClusterPubSub``: its ``get_sharded_message``
-polls one node after the other, it reconnects and resubscribes on its own, and it has no way to
-order a PING after the messages of one node's connection, all of which the race-free retained
-procedure and flow control need. Instead the adapter opens one `RespConnection` per master (the
-same pipelined RESP2 client as standalone), subscribes each shard channel on the master that owns
-its slot (as the cluster client's slot map says) and parses pushes straight into the
-subscriptions. Each QoS 1 / queue stream is read on its own connection to the owning master.
-
-Live delivery (QoS 0). The publish script (``P``) SPUBLISHes a frame ``<seq>\0<topic>\0<body>``
-on ``<ns>t:<topic>`` (exact subscriptions listen there) and on ``<ns>p:<pattern>`` for every
-pattern leased in ``<ns>patterns`` that matches (pattern subscriptions lease theirs; the server
-filters exactly, so a subscriber gets only what it asked for however coarse the shard key). A
-*broad* pattern — one whose wildcards fall inside the shard-key levels (``+/x``, ``#``, or
-``a/#`` with ``shard_levels=2``) — can match topics in every slot, so its lease is written into
-every one of the 16,384 slots (``<prefix>{<slot tag>}broad``, one hash per slot) and the script
-publishes its matches with a classic PUBLISH, which the cluster broadcasts to every node; the
-subscriber listens with SUBSCRIBE on one node. QoS 1 and queue subscriptions need one stream in
-one slot, so a broad pattern with ``qos=1`` or ``queue=`` raises `UnsupportedFeature`.
-
-The subscribe race, per kind (see `RedisTransport` for the procedure): the live subscription is
-confirmed by a PING on its connection (and, for patterns, the lease written) before the snapshot
-is read; the barrier afterwards is a PING on the same connection (SPUBLISH delivery is
-synchronous on the owning master, so everything executed before the PING is in the window) or,
-for broad patterns, a classic PUBLISH of a token on every master (the cluster bus keeps each
-node's messages in order), waited for on the subscriber's connection.
+The standalone transport's script, retained procedure, routes and acks, each inside one
+namespace per *shard key* (a topic's first ``shard_levels`` levels, one hash slot); commands
+through redis-py's ``RedisCluster``, pub/sub on one own RESP connection per master. Layers:
+``_cluster_client`` -> ``_cluster_leases`` -> ``_cluster_links`` -> ``_cluster_publish`` -> this
+module (connect, subscribe, acks, heartbeat, close). How and why: docs/transports/redis.md
+("Redis Cluster": sharding rule, patterns and delivery, connections and faults).
 """
 
 from __future__ import annotations

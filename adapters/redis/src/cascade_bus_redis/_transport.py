@@ -1,46 +1,11 @@
 """The Redis transport: pub/sub for QoS 0, Streams for QoS 1 and queue groups, a hash for retained.
 
-Connections. Each bus holds one *command* connection (publishes, scripts, acks; pipelined: every
-command issued in one event-loop iteration shares one socket write, replies resolve in FIFO order)
-and one *pub/sub* connection (SUBSCRIBE/PSUBSCRIBE, parsed straight into the subscriptions'
-queues). Each stream subscription (QoS 1, or any queue group) adds one connection for its blocking
-XREADGROUP. All speak RESP2 through `RespConnection` (hiredis parser).
-
-Publishing. The publishes of one event-loop iteration (up to a quarter of ``max_inflight``,
-``_BATCH_MAX`` messages or ``_BATCH_BYTES``) go as one EVALSHA of the adapter's script (see
-``_script.py``), which runs them in order, each atomically: PUBLISH on the channel named exactly
-like the topic (plain clients interoperate), the retained hash update when ``retain`` is set,
-and an XADD to every registered stream route whose pattern matches the topic (the routes are read
-once per call). The reply names the messages that failed, if any. A QoS 0 publish returns once
-queued (at most ``max_inflight`` publishes unanswered, so a loop of awaited publishes is
-pipelined and batched by itself); a QoS 1 publish returns when Redis replied. Any other command
-on the connection first closes the open batch, so commands reach Redis in the order they were
-issued. While disconnected, publishes wait in a bounded offline buffer (QoS 0 over the bound:
-dropped and counted as ``offline_overflow``; QoS 1: `PublishError`); QoS 1 publishes whose reply
-was lost with the connection are sent again (at least once), QoS 0 ones are counted as
-``disconnected``.
-
-QoS and queue groups (``_streams.py``, ``_acks.py``). A QoS 0 subscription is a pub/sub
-subscription (``_pubsub.py``). A QoS 1 subscription registers a *route* (pattern -> its own
-stream) read with XREADGROUP and acked after the handler ran. Because routing happens inside the
-publish script, wildcard QoS 1 subscriptions work and a QoS 1 subscriber also receives QoS 0
-publishes (at least once: the subscription's QoS is what counts, as in MQTT), while a QoS 0
-subscriber still sees QoS 1 publishes over pub/sub. A queue group is one route and stream per
-(queue, pattern) shared by its members through a consumer group. Publishes by plain Redis
-clients (bare PUBLISH) reach pub/sub subscriptions only.
-
-Retained messages (``_retained.py``). ``subscribe()`` hands over every retained message matching
-the pattern exactly once and loses no message published meanwhile: live first (into a window),
-then the snapshot, then a barrier, then the snapshot minus what the window supersedes, then the
-window. Every retained publish takes a number from one INCR'd counter in the same script that
-stores it; it reaches pub/sub subscribers as markers on the control channel around the message
-(``r<seq>`` before, ``e`` after; a script runs atomically), stream subscribers as field ``s``.
-After a reconnect the same procedure resynchronises each pub/sub subscription, delivering only
-retained messages that changed (or were cleared) while it was away.
-
-Layers. ``_connection`` (options, handshakes, kit objects) -> ``_publishing`` (batches, script,
-replies) -> ``_retained`` -> ``_pubsub`` -> ``_acks`` -> ``_streams`` -> this module (connect,
-the `Supervisor`'s steps, heartbeat, close, and the send hot path). ``_errors`` translates.
+One pipelined command connection (publishes batched into EVALSHA calls of ``_script.py``), one
+pub/sub connection, one connection per stream reader; retained messages handed over race-free
+(window, snapshot, barrier) and resynced after a reconnect. Layers: ``_connection`` ->
+``_publishing`` -> ``_retained`` -> ``_pubsub`` -> ``_acks`` -> ``_streams`` -> this module
+(connect, the `Supervisor`'s steps, heartbeat, close, the send hot path); ``_errors``
+translates. How and why: docs/transports/redis.md ("How it works", "Retained messages").
 """
 
 from __future__ import annotations
