@@ -51,6 +51,7 @@ class TestRedisClusterFaults(FaultSuite):
     @pytest.fixture
     def outage(self, transport_url: str) -> AsyncIterator[Outage]:
         pytest.skip(
-            "a TCP proxy cannot front a Redis Cluster (its nodes announce their own "
-            "addresses); test_cluster_redis.py cuts the cluster's links instead"
+            "a TCP proxy cannot front a Redis Cluster for some clients only: its nodes "
+            "announce one address to every client (a controller bus would be cut too); "
+            "test_cluster_redis.py cuts the cluster's links instead"
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
@@ -48,43 +48,59 @@ JUNK_ENVELOPE = b'{"specversion":"1.0","id":"junk","type":'
 
 
 class Outage:
-    """An outage between some buses and their broker, made with a `TcpProxy`.
+    """An outage between some buses and their broker, made with `TcpProxy` objects.
 
-    Buses opened on `url` go through the proxy; `begin` resets their connections and refuses
-    new ones until `end`. Buses opened on the plain transport URL are not affected.
+    Buses opened on `url` go through the proxies (one per broker node); `begin` resets their
+    connections and refuses new ones until `end`. Buses on the plain transport URL are not
+    affected. ``before_close`` runs after the tracked buses closed, before the proxies go.
     """
 
-    def __init__(self, proxy: TcpProxy, transport_url: str, timeout: float) -> None:
-        self.proxy = proxy
-        self.url = proxy.rewrite(transport_url)
-        """The transport URL through the proxy."""
+    def __init__(
+        self,
+        proxies: Sequence[TcpProxy],
+        url: str,
+        timeout: float,
+        *,
+        before_close: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
+        self.proxies = list(proxies)
+        self.url = url
+        """The transport URL through the proxies."""
         self._timeout = timeout
+        self._before_close = before_close
         self._closers: list[Callable[[], Awaitable[Any]]] = []
 
     def track(self, close: Callable[[], Awaitable[Any]]) -> None:
-        """Close something behind the proxy before the proxy goes (a bus's ``close``)."""
+        """Close something behind the proxies before they go (a bus's ``close``)."""
         self._closers.append(close)
 
     async def aclose(self) -> None:
-        """Close what was tracked (while the broker is reachable), then the proxy."""
-        self.proxy.resume()
+        """Close what was tracked (while the broker is reachable), then the proxies."""
+        for proxy in self.proxies:
+            proxy.resume()
         try:
             async with asyncio.timeout(self._timeout * 3):
                 await asyncio.gather(*(close() for close in self._closers))
+            if self._before_close is not None:
+                await self._before_close()
         finally:
-            await self.proxy.aclose()
+            for proxy in self.proxies:
+                await proxy.aclose()
 
     async def begin(self, *buses: Bus) -> None:
         """Cut every proxied connection, refuse new ones, and wait until ``buses`` noticed."""
-        self.proxy.pause()
-        await self.proxy.cut()
+        for proxy in self.proxies:
+            proxy.pause()
+        for proxy in self.proxies:
+            await proxy.cut()
         async with asyncio.timeout(self._timeout):
             for bus in buses:
                 await network(bus).wait_disconnected()
 
     async def end(self, *buses: Bus) -> None:
         """Let connections through again and wait until ``buses`` reconnected."""
-        self.proxy.resume()
+        for proxy in self.proxies:
+            proxy.resume()
         async with asyncio.timeout(self._timeout):
             for bus in buses:
                 await network(bus).wait_connected(reconnects=1)
@@ -142,7 +158,7 @@ class FaultBase(SuiteBase):
             pytest.skip(f"{parts.scheme}:// has no TCP endpoint to cut (no network connection)")
         proxy = TcpProxy(parts.hostname, port)
         await proxy.start()
-        outage = Outage(proxy, transport_url, self.wait_timeout)
+        outage = Outage([proxy], proxy.rewrite(transport_url), self.wait_timeout)
         try:
             yield outage
         finally:
