@@ -52,7 +52,7 @@ class Bus(BusRequests):
 
     def stats(self) -> Stats:
         """Return a snapshot of the counters (published, delivered, dropped by reason, ...)."""
-        buffered = sum(s.pending for s in self._subs) + getattr(self.transport, "buffered", 0)
+        buffered = sum(s.pending for s in self._subs) + self.transport.buffered
         return self._stats.snapshot(buffered=buffered)
 
 

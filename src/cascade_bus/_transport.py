@@ -226,6 +226,14 @@ class Transport(abc.ABC):
         return
 
     @property
+    def buffered(self) -> int:
+        """Messages this transport holds right now (offline buffer, unsent).
+
+        Shown in ``stats().buffered``; transports that hold nothing keep the default 0.
+        """
+        return 0
+
+    @property
     def max_payload(self) -> int | None:
         """Largest body this connection accepts, in bytes (None: no limit)."""
         return self.capabilities.max_payload
