@@ -20,7 +20,7 @@ from ._errors import BusClosed, InvalidURL, UnsupportedFeature
 from ._host import BusHost, ErrorHook
 from ._middleware import Middleware, steps
 from ._registry import get_transport
-from ._transport import Transport
+from ._transport import LocalPublisher, Transport
 from ._url import BusURL
 
 if TYPE_CHECKING:
@@ -115,19 +115,21 @@ class BusCore:
         self._plain_json = self._format == "json"
         # memory:// takes envelopes instead of bodies: each subscription copies the payload.
         self._publish_local: Callable[..., Awaitable[None] | None] | None = (
-            getattr(transport, "publish_local", None) if self._format != "raw" else None
+            transport.publish_local
+            if isinstance(transport, LocalPublisher) and self._format != "raw"
+            else None
         )
         # An in-process transport's limit is fixed when it is built: no property call per message.
         self._local_limit = transport.max_payload if self._publish_local is not None else None
         self._local_msgpack = self._format == "msgpack"
         self._local_encode = local_payload_encoder(self._local_msgpack)
         # Optional: requests handed over with their reply topic (NATS reply subjects).
-        self._publish_request: Callable[..., Awaitable[None] | None] | None = getattr(
-            transport, "publish_request", None
+        self._publish_request: Callable[..., Awaitable[None] | None] | None = (
+            transport.publish_request
         )
         # Optional transport fast path: deliver synchronously, return an awaitable only to wait.
-        self._publish_nowait: Callable[..., Awaitable[None] | None] | None = getattr(
-            transport, "publish_nowait", None
+        self._publish_nowait: Callable[..., Awaitable[None] | None] | None = (
+            transport.publish_nowait
         )
         self._exact_filter = not transport.filters_exactly
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, ClassVar, Protocol, Self
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 import msgspec
 
@@ -21,7 +21,14 @@ from ._stats import StatsRecorder
 from ._topics import IdentityMapper, TopicMapper
 from ._url import BusURL
 
-__all__ = ["Message", "MessageSink", "NetworkTransport", "Transport", "TransportSubscription"]
+__all__ = [
+    "LocalPublisher",
+    "Message",
+    "MessageSink",
+    "NetworkTransport",
+    "Transport",
+    "TransportSubscription",
+]
 
 
 class Message(msgspec.Struct, eq=False):
@@ -92,6 +99,21 @@ class MessageSink(Protocol):
         Topics the subscriber held a retained value for that the replay did not contain were
         cleared during the outage: the sink delivers a clear (an empty retained body) for each.
         """
+
+
+@runtime_checkable
+class LocalPublisher(Protocol):
+    """The in-process fast path a transport may declare (memory://), checked once at open.
+
+    ``publish_local(topic, (envelope, payload_body, is_msgpack), qos)`` hands a bus's envelope to
+    subscriptions in this process without encoding a body (see `Message.local`); returns like
+    ``publish_nowait``.
+    """
+
+    def publish_local(
+        self, topic: str, local: tuple[Any, bytes | None, bool], qos: int
+    ) -> Awaitable[None] | None:
+        """Deliver a non-retained envelope from a bus in this process; no body is built."""
 
 
 class TransportSubscription(abc.ABC):

@@ -21,7 +21,14 @@ from ._stats import DropReason, StatsRecorder
 from ._supervisor import Reconnectable, Supervisor, describe_cause
 from ._tasks import TaskSet
 from ._topics import IdentityMapper, TopicMapper, topic_matches
-from ._transport import Message, MessageSink, NetworkTransport, Transport, TransportSubscription
+from ._transport import (
+    LocalPublisher,
+    Message,
+    MessageSink,
+    NetworkTransport,
+    Transport,
+    TransportSubscription,
+)
 from ._url import BusURL, parse_bool, parse_float, parse_int
 
 __all__ = [
@@ -30,6 +37,7 @@ __all__ = [
     "Capabilities",
     "DropReason",
     "IdentityMapper",
+    "LocalPublisher",
     "Message",
     "MessageSink",
     "NetworkOptions",
