@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from importlib.metadata import version
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiomqtt
 import paho.mqtt.client as paho_mqtt
@@ -451,7 +452,7 @@ def bus_wire_size() -> int:
     return len(codec.encode_plain(topic("bus"), PAYLOAD))
 
 
-def build_rows(broker: BrokerProcess, args: argparse.Namespace) -> list[Row]:
+def build_rows(broker: BrokerProcess | SharedBroker, args: argparse.Namespace) -> list[Row]:
     url, port, n, chunk = broker.url, broker.port, args.messages, args.chunk
     wire = bus_wire_size()
     rows: list[Row] = []
@@ -476,7 +477,9 @@ def build_rows(broker: BrokerProcess, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def build_latency_rows(broker: BrokerProcess, args: argparse.Namespace) -> list[LatencyRow]:
+def build_latency_rows(
+    broker: BrokerProcess | SharedBroker, args: argparse.Namespace
+) -> list[LatencyRow]:
     url, port, k = broker.url, broker.port, args.pings
     rows: list[LatencyRow] = []
     for qos in (0, 1):
@@ -493,7 +496,9 @@ def build_latency_rows(broker: BrokerProcess, args: argparse.Namespace) -> list[
     return rows
 
 
-def build_publish_rows(broker: BrokerProcess, args: argparse.Namespace) -> list[LatencyRow]:
+def build_publish_rows(
+    broker: BrokerProcess | SharedBroker, args: argparse.Namespace
+) -> list[LatencyRow]:
     url, port, k = broker.url, broker.port, args.pings
     rows = [
         LatencyRow("raw socket", 1, partial(asyncio.to_thread, raw_publish_rtt, port, k)),
@@ -654,8 +659,23 @@ def report(
     return all(passed for _, _, passed in checks)
 
 
+@dataclass
+class SharedBroker:
+    """A broker already running (``--url``): used as users run it, never stopped here."""
+
+    url: str
+    port: int
+
+    def close(self) -> None:
+        """Nothing to stop: the broker is not ours."""
+
+
 async def run(args: argparse.Namespace) -> bool:
-    broker = await asyncio.to_thread(start_mosquitto)
+    broker: BrokerProcess | SharedBroker
+    if args.url:
+        broker = SharedBroker(args.url, urlsplit(args.url).port or 1883)
+    else:
+        broker = await asyncio.to_thread(start_mosquitto)
     try:
         rows = build_rows(broker, args)
         latency = build_latency_rows(broker, args)
@@ -688,6 +708,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="print each run as it ends")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("--no-paho", action="store_true", help="skip the paho reference rows")
+    parser.add_argument(
+        "--url",
+        default="",
+        help="use this running broker (the stock mqtt://127.0.0.1:1883) instead of a private one",
+    )
     args = parser.parse_args(argv)
     print(
         f"cascade-bus {cascade_bus.__version__}, aiomqtt {version('aiomqtt')}, "

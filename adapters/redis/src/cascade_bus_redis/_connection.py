@@ -155,12 +155,10 @@ class RedisBase(NetworkTransport):
     def _closed_error(self) -> BusClosed:
         return BusClosed("the Redis transport is closed")
 
-    # -- implemented by upper layers --------------------------------------------------------------
+    if TYPE_CHECKING:  # implemented by upper layers; declared for the type checker only
 
-    async def _barrier(self) -> None:
-        """Wait until every message published before this call has arrived (``_pubsub``)."""
-        raise NotImplementedError
+        async def _barrier(self) -> None:
+            """Wait until every message published before this call has arrived (``_pubsub``)."""
 
-    async def _remove(self, sub: _Sub) -> None:
-        """End one subscription (``_transport``)."""
-        raise NotImplementedError
+        async def _remove(self, sub: _Sub) -> None:
+            """End one subscription (``_transport``)."""
