@@ -202,3 +202,32 @@ async def test_supervisor_gives_up_when_reconnect_is_off() -> None:
         await supervisor.run()
     assert steps.calls == ["on_lost", "give_up"]
     assert not transport.connected
+
+
+class _BuggySteps(_Steps):
+    """A reopen that fails with an exception the adapter forgot to translate."""
+
+    async def reopen(self) -> None:
+        self.calls.append("reopen")
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("client bug")
+
+
+async def test_supervisor_survives_an_untranslated_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport = _Toy(BusURL("toy://h:1"), {})
+    await transport.connect()
+    steps = _BuggySteps(failures=1)
+    supervisor = Supervisor(transport, steps, NetworkOptions(reconnect_min=0.001))
+    tasks = TaskSet("toy")
+    with caplog.at_level(logging.INFO, logger="cascade_bus"):
+        tasks.spawn(supervisor.run(), "supervisor")
+        steps.lost.put_nowait(None)
+        async with asyncio.timeout(5):
+            await transport.wait_connected(reconnects=1)
+    assert steps.calls == ["on_lost", "reopen", "abandon", "reopen", "restore"]
+    assert "failed unexpectedly: RuntimeError: client bug" in caplog.text
+    supervisor.closing = True
+    await tasks.aclose(timeout=1)

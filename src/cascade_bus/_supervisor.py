@@ -33,7 +33,8 @@ class Reconnectable(Protocol):
     async def reopen(self) -> None:
         """Connect again, resubscribe everything and resync retained state.
 
-        Raise `BusError` or `OSError` when the attempt failed (the supervisor retries).
+        Raise `BusError` or `OSError` when the attempt failed (the supervisor retries; any
+        other exception is logged with its traceback and retried too).
         """
 
     async def abandon(self) -> None:
@@ -110,6 +111,16 @@ class Supervisor:
                 await self._steps.reopen()
             except (BusError, OSError) as exc:
                 log.info("reconnect attempt %d to %s failed: %s", attempt, where, exc)
+                await self._steps.abandon()
+                continue
+            except Exception as exc:  # untranslated: still never the end of reconnecting
+                log.warning(
+                    "reconnect attempt %d to %s failed unexpectedly: %s",
+                    attempt,
+                    where,
+                    describe_cause(exc),
+                    exc_info=exc,
+                )
                 await self._steps.abandon()
                 continue
             return attempt
