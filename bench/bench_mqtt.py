@@ -1,15 +1,18 @@
-"""MQTT throughput and ping-pong latency: cascade-bus against bare aiomqtt and paho, one run.
+"""MQTT throughput and latency: cascade-bus against bare aiomqtt and paho, one run.
 
 Not a test: run it and read the table.
 
     .venv/bin/python bench/bench_mqtt.py [--messages N] [--pings K] [--repeat R] [--markdown]
 
-The default run (5,000 messages, 500 pings, 5 rounds) takes about a minute on 2 CPUs.
+The default run (5,000 messages, 500 pings, 20 fresh subscriptions, 5 rounds) takes about two
+minutes on 2 CPUs.
 
-It starts a private Mosquitto (``start_mosquitto``: ``set_tcp_nodelay true``,
-``max_queued_messages 0``) on a free port and stops it at the end. Every client sets
-TCP_NODELAY (cascade-bus does by default; the bare clients are given the socket option), so
-no row waits on Nagle's algorithm.
+Every row runs against the broker users have: the running stock Mosquitto (``--url``, default
+``mqtt://127.0.0.1:1883``: ``set_tcp_nodelay`` off, so the broker keeps Nagle's algorithm on).
+Rows marked "tuned broker" run the same cascade-bus case on a private Mosquitto
+(``start_mosquitto``: ``set_tcp_nodelay true``, ``max_queued_messages 0``) started on a free
+port and stopped at the end (``--no-tuned`` skips them). Every client sets TCP_NODELAY
+(cascade-bus does by default; the bare clients are given the socket option).
 
 Throughput (msg/s, median of R repeats): a publisher and a subscriber on two connections in
 this process; the clock runs from the first publish until the subscriber has all N messages.
@@ -36,18 +39,33 @@ call until it returns (its PUBACK arrived), one at a time, to a topic nobody sub
 ``raw socket`` is the floor: a blocking socket sending a hand-made PUBLISH and reading the
 PUBACK, no MQTT library and no event loop; what a row adds to it is the client's own share.
 
-Targets (from the MQTT adapter's issue), checked like for like: cascade-bus awaited ≥ 1.5x
-aiomqtt naive, cascade-bus gathered ≥ 1.0x aiomqtt gathered (at QoS 0 and QoS 1); QoS 1 round
-trip p50 ≤ 1 ms; at QoS 0 at most 30 µs added to the bare aiomqtt round trip p50. The exit
-status is 1 when a target is missed.
+First message after a fresh subscribe (ms, p50/p90 of ``--fresh`` samples per round, rounds
+pooled): a subscriber subscribes to a new topic (``subscribe`` returned), another connection
+publishes one message, the clock runs from that publish call until the handler has it; then
+the subscription is dropped and the next one made. "steady": the same, one message at a time on
+one subscription. For MQTT 5 and 3.1.1, QoS 0 and 1, against bare aiomqtt and against
+cascade-bus with ``tcp_quickack=false`` (what it did before issue 13: ~44 ms for the first
+message, the broker's Nagle waiting on the subscriber's delayed ACK).
+
+Targets (from the MQTT adapter's issues), checked like for like on the stock broker:
+cascade-bus awaited ≥ 1.5x aiomqtt naive, cascade-bus gathered ≥ 1.0x aiomqtt gathered (at QoS 0
+and QoS 1); QoS 1 round trip p50 ≤ 1 ms; at QoS 0 at most 30 µs added to the bare aiomqtt round
+trip p50; the first message after a fresh subscribe p90 ≤ 5 ms and one at a time p50 ≤ 1 ms, at
+QoS 0 and 1 with MQTT 5 and 3.1.1. The exit status is 1 when a target is missed.
+
+The stock broker drops what waits beyond ``max_queued_messages`` (1,000) for a subscriber that
+falls behind: a throughput round whose subscriber stops receiving (3 s without a message) has
+no rate; the ``lossy`` column counts those rounds and the ratios leave them out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
+import math
 import os
 import platform
 import socket
@@ -75,17 +93,23 @@ BODY = b"x" * 100
 PAYLOAD: dict[str, Any] = {"seq": 1, "value": 21.5, "unit": "C", "ok": True}
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 RECEIVE_TIMEOUT = 60.0  # seconds a throughput run may take before it counts as failed
+IDLE_TIMEOUT = 3.0  # seconds without a new message: the broker dropped the rest
 
 TARGET_VS_NAIVE = 1.5
 TARGET_VS_GATHERED = 1.0
 TARGET_QOS1_P50_US = 1000.0
 TARGET_ADDED_P50_US = 30.0
+TARGET_FIRST_P90_MS = 5.0  # first message after a fresh subscribe, stock broker
+TARGET_STEADY_P50_MS = 1.0  # one message at a time, stock broker
 
 # aiomqtt warns once per publish while more than 10 are pending: silence it for gathering.
 QUIET = logging.getLogger("bench.aiomqtt")
 QUIET.setLevel(logging.ERROR)
 QUIET.addHandler(logging.NullHandler())
 QUIET.propagate = False
+
+
+TUNED = ", tuned broker"  # suffix of the rows run on the private tuned Mosquitto
 
 
 def topic(kind: str) -> str:
@@ -111,12 +135,24 @@ class Countdown:
             self.done.set()
 
 
+class Dropped(Exception):
+    """The subscriber stopped receiving before it had every message: the broker dropped some.
+
+    Stock Mosquitto drops what waits beyond ``max_queued_messages`` (1,000) for a subscriber
+    that falls behind, without telling anyone; such a round has no rate (shown as lost).
+    """
+
+
 async def wait_done(cd: Countdown, what: str) -> None:
-    try:
-        async with asyncio.timeout(RECEIVE_TIMEOUT):
-            await cd.done.wait()
-    except TimeoutError:
-        raise RuntimeError(f"{what}: received {cd.count} of {cd.expected}") from None
+    deadline = time.monotonic() + RECEIVE_TIMEOUT
+    seen = -1
+    while not cd.done.is_set():
+        if cd.count == seen or time.monotonic() > deadline:
+            raise Dropped(f"{what}: received {cd.count} of {cd.expected}")
+        seen = cd.count
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(IDLE_TIMEOUT):
+                await cd.done.wait()
 
 
 async def bus_throughput(url: str, n: int, qos: int, chunk: int) -> float:
@@ -225,8 +261,12 @@ def paho_throughput(port: int, n: int, qos: int) -> float:
         start = time.perf_counter()
         for _ in range(n):
             pub.publish(t, BODY, qos)
-        if not done.wait(RECEIVE_TIMEOUT):
-            raise RuntimeError(f"paho: received {count} of {n}")
+        deadline = time.monotonic() + RECEIVE_TIMEOUT
+        seen = -1
+        while not done.wait(IDLE_TIMEOUT):
+            if count == seen or time.monotonic() > deadline:
+                raise Dropped(f"paho: received {count} of {n}")
+            seen = count
         return n / (time.perf_counter() - start)
     finally:
         paho_close(pub, sub)
@@ -408,6 +448,194 @@ def paho_publish_rtt(port: int, k: int) -> list[float]:
         paho_close(client)
 
 
+# -- first message after a fresh subscribe, and one message at a time --------------------------
+
+
+def with_option(url: str, option: str) -> str:
+    """``url`` with one more query option (``name=value``)."""
+    return f"{url}{'&' if '?' in url else '?'}{option}"
+
+
+def spread(samples: list[float]) -> tuple[float, float]:
+    """(p50, p90) of ``samples``."""
+    return percentile(samples, 0.50), percentile(samples, 0.90)
+
+
+async def bus_first_and_steady(url: str, k: int, qos: int) -> tuple[list[float], list[float]]:
+    """Seconds from the publish call to the handler: the first message after each of ``k``
+    fresh subscriptions, then ``k`` messages one at a time on one subscription."""
+    loop = asyncio.get_running_loop()
+    arrived: asyncio.Future[float] = loop.create_future()
+
+    def got(_env: Envelope[Any]) -> None:
+        if not arrived.done():
+            arrived.set_result(time.perf_counter())
+
+    async def one(t: str) -> float:
+        nonlocal arrived
+        arrived = loop.create_future()
+        start = time.perf_counter()
+        await pub.publish(t, PAYLOAD, qos=qos)
+        async with asyncio.timeout(10):
+            return await arrived - start
+
+    first: list[float] = []
+    async with cascade_bus.connect(url) as pub, cascade_bus.connect(url) as sub:
+        for _ in range(k):
+            t = topic("first")
+            subscription = await sub.subscribe(t, got, qos=qos)
+            first.append(await one(t))
+            await subscription.unsubscribe()
+        t = topic("steady")
+        await sub.subscribe(t, got, qos=qos)
+        warm = max(1, k // 10)  # the first one is a first message, not a steady one
+        steady = [await one(t) for _ in range(k + warm)][warm:]
+    return first, steady
+
+
+async def aiomqtt_first_and_steady(
+    port: int, version: str, k: int, qos: int
+) -> tuple[list[float], list[float]]:
+    """`bus_first_and_steady` with two bare aiomqtt clients (TCP_NODELAY set)."""
+    protocol = aiomqtt.ProtocolVersion.V5 if version == "5" else aiomqtt.ProtocolVersion.V311
+
+    def client() -> aiomqtt.Client:
+        return aiomqtt.Client(
+            "127.0.0.1", port, protocol=protocol, socket_options=NODELAY, logger=QUIET
+        )
+
+    async with client() as pub, client() as sub:
+        messages = aiter(sub.messages)
+
+        async def one(t: str) -> float:
+            start = time.perf_counter()
+            await pub.publish(t, BODY, qos)
+            async with asyncio.timeout(10):
+                await anext(messages)
+            return time.perf_counter() - start
+
+        first: list[float] = []
+        for _ in range(k):
+            t = topic("first")
+            await sub.subscribe(t, qos)
+            first.append(await one(t))
+            await sub.unsubscribe(t)
+        t = topic("steady")
+        await sub.subscribe(t, qos)
+        warm = max(1, k // 10)  # the first one is a first message, not a steady one
+        steady = [await one(t) for _ in range(k + warm)][warm:]
+    return first, steady
+
+
+@dataclass
+class FirstRow:
+    """One client on one broker, one MQTT version and QoS: first-message and steady latency."""
+
+    broker: str
+    client: str
+    version: str
+    qos: int
+    run: Callable[[], Awaitable[tuple[list[float], list[float]]]]
+    first: list[float] = field(default_factory=list)  # every sample of every round
+    steady: list[float] = field(default_factory=list)
+
+
+def build_first_rows(
+    stock: SharedBroker, tuned: BrokerProcess | None, args: argparse.Namespace
+) -> list[FirstRow]:
+    k = args.fresh
+    rows: list[FirstRow] = []
+    for mqtt_version in ("5", "3.1.1"):
+        for qos in (0, 1):
+            url = with_option(stock.url, f"version={mqtt_version}")
+            rows += [
+                FirstRow(
+                    "stock",
+                    "cascade-bus",
+                    mqtt_version,
+                    qos,
+                    partial(bus_first_and_steady, url, k, qos),
+                ),
+                FirstRow(
+                    "stock",
+                    "cascade-bus tcp_quickack=false",
+                    mqtt_version,
+                    qos,
+                    partial(bus_first_and_steady, with_option(url, "tcp_quickack=false"), k, qos),
+                ),
+                FirstRow(
+                    "stock",
+                    "aiomqtt",
+                    mqtt_version,
+                    qos,
+                    partial(aiomqtt_first_and_steady, stock.port, mqtt_version, k, qos),
+                ),
+            ]
+            if tuned is not None:
+                rows.append(
+                    FirstRow(
+                        "tuned",
+                        "cascade-bus",
+                        mqtt_version,
+                        qos,
+                        partial(
+                            bus_first_and_steady,
+                            with_option(tuned.url, f"version={mqtt_version}"),
+                            k,
+                            qos,
+                        ),
+                    )
+                )
+    return rows
+
+
+def first_checks(rows: list[FirstRow]) -> list[tuple[str, str, bool]]:
+    """The issue's targets on the stock broker, for each MQTT version and QoS."""
+    checks: list[tuple[str, str, bool]] = []
+    for row in rows:
+        if row.broker != "stock" or row.client != "cascade-bus":
+            continue
+        first_p90 = percentile(row.first, 0.90) * 1e3
+        steady_p50 = percentile(row.steady, 0.50) * 1e3
+        where = f"stock broker, MQTT {row.version}, QoS {row.qos}"
+        checks += [
+            (
+                f"{where}: first message after subscribe p90 <= {TARGET_FIRST_P90_MS:g} ms",
+                f"{first_p90:.2f} ms",
+                first_p90 <= TARGET_FIRST_P90_MS,
+            ),
+            (
+                f"{where}: one at a time p50 <= {TARGET_STEADY_P50_MS:g} ms",
+                f"{steady_p50:.2f} ms",
+                steady_p50 <= TARGET_STEADY_P50_MS,
+            ),
+        ]
+    return checks
+
+
+def report_first(rows: list[FirstRow], args: argparse.Namespace) -> None:
+    print(
+        f"\nFirst message after a fresh subscribe, and one message at a time (publish call -> "
+        f"handler, ms; {args.fresh} of each per round, all rounds pooled)\n"
+    )
+    lines = []
+    for row in rows:
+        first, steady = spread(row.first), spread(row.steady)
+        lines.append(
+            [
+                f"{row.client}, {row.broker} broker",
+                row.version,
+                str(row.qos),
+                *(f"{x * 1e3:.2f}" for x in (*first, *steady)),
+            ]
+        )
+    table(
+        ["client", "MQTT", "QoS", "first p50", "first p90", "steady p50", "steady p90"],
+        lines,
+        args.markdown,
+    )
+
+
 # -- running and reporting ----------------------------------------------------------------------
 
 
@@ -422,7 +650,14 @@ class Row:
 
     @property
     def rate(self) -> float:
-        return statistics.median(self.rates) if self.rates else 0.0
+        """Median msg/s over the rounds that received every message (NaN: none did)."""
+        whole = [r for r in self.rates if r == r]
+        return statistics.median(whole) if whole else math.nan
+
+    @property
+    def lost(self) -> int:
+        """Rounds in which the broker dropped messages (no rate)."""
+        return sum(1 for r in self.rates if r != r)
 
 
 @dataclass
@@ -452,7 +687,9 @@ def bus_wire_size() -> int:
     return len(codec.encode_plain(topic("bus"), PAYLOAD))
 
 
-def build_rows(broker: BrokerProcess | SharedBroker, args: argparse.Namespace) -> list[Row]:
+def build_rows(
+    broker: SharedBroker, tuned: BrokerProcess | None, args: argparse.Namespace
+) -> list[Row]:
     url, port, n, chunk = broker.url, broker.port, args.messages, args.chunk
     wire = bus_wire_size()
     rows: list[Row] = []
@@ -460,6 +697,23 @@ def build_rows(broker: BrokerProcess | SharedBroker, args: argparse.Namespace) -
         rows += [
             Row("cascade-bus awaited", qos, wire, partial(bus_throughput, url, n, qos, 1)),
             Row("cascade-bus gathered", qos, wire, partial(bus_throughput, url, n, qos, chunk)),
+        ]
+        if tuned is not None:
+            rows += [
+                Row(
+                    f"cascade-bus awaited{TUNED}",
+                    qos,
+                    wire,
+                    partial(bus_throughput, tuned.url, n, qos, 1),
+                ),
+                Row(
+                    f"cascade-bus gathered{TUNED}",
+                    qos,
+                    wire,
+                    partial(bus_throughput, tuned.url, n, qos, chunk),
+                ),
+            ]
+        rows += [
             Row("aiomqtt naive", qos, len(BODY), partial(aiomqtt_throughput, port, n, qos, 1)),
             Row(
                 "aiomqtt gathered", qos, len(BODY), partial(aiomqtt_throughput, port, n, qos, chunk)
@@ -478,13 +732,17 @@ def build_rows(broker: BrokerProcess | SharedBroker, args: argparse.Namespace) -
 
 
 def build_latency_rows(
-    broker: BrokerProcess | SharedBroker, args: argparse.Namespace
+    broker: SharedBroker, tuned: BrokerProcess | None, args: argparse.Namespace
 ) -> list[LatencyRow]:
     url, port, k = broker.url, broker.port, args.pings
     rows: list[LatencyRow] = []
     for qos in (0, 1):
+        rows.append(LatencyRow("cascade-bus", qos, partial(bus_pingpong, url, k, qos)))
+        if tuned is not None:
+            rows.append(
+                LatencyRow(f"cascade-bus{TUNED}", qos, partial(bus_pingpong, tuned.url, k, qos))
+            )
         rows += [
-            LatencyRow("cascade-bus", qos, partial(bus_pingpong, url, k, qos)),
             LatencyRow("aiomqtt", qos, partial(aiomqtt_pingpong, port, k, qos)),
         ]
         if not args.no_paho:
@@ -497,12 +755,16 @@ def build_latency_rows(
 
 
 def build_publish_rows(
-    broker: BrokerProcess | SharedBroker, args: argparse.Namespace
+    broker: SharedBroker, tuned: BrokerProcess | None, args: argparse.Namespace
 ) -> list[LatencyRow]:
     url, port, k = broker.url, broker.port, args.pings
     rows = [
         LatencyRow("raw socket", 1, partial(asyncio.to_thread, raw_publish_rtt, port, k)),
         LatencyRow("cascade-bus", 1, partial(bus_publish_rtt, url, k)),
+    ]
+    if tuned is not None:
+        rows.append(LatencyRow(f"cascade-bus{TUNED}", 1, partial(bus_publish_rtt, tuned.url, k)))
+    rows += [
         LatencyRow("aiomqtt", 1, partial(aiomqtt_publish_rtt, port, k)),
     ]
     if not args.no_paho:
@@ -525,8 +787,10 @@ def verdict(ok: bool) -> str:
 
 
 def paired(rows: list[float], base: list[float], op: Callable[[float, float], float]) -> float:
-    """Median over rounds of ``op(row, base)`` for the same round (both ran under one load)."""
-    return statistics.median(op(x, y) for x, y in zip(rows, base, strict=True))
+    """Median over rounds of ``op(row, base)`` for the same round (both ran under one load);
+    rounds where either side lost messages (NaN) do not count."""
+    pairs = [op(x, y) for x, y in zip(rows, base, strict=True) if x == x and y == y]
+    return statistics.median(pairs) if pairs else math.nan
 
 
 def ratio(x: float, y: float) -> float:
@@ -555,11 +819,13 @@ def report(
     rows: list[Row],
     latency: list[LatencyRow],
     publish_rtt: list[LatencyRow],
+    first: list[FirstRow],
     args: argparse.Namespace,
 ) -> bool:
     print(
         f"\nThroughput: {args.messages:,} messages of ~100 B, median of {args.repeat} rounds "
-        f"(ratios: median of per-round ratios); gathered = {args.chunk} publishes per gather\n"
+        f"(ratios: median of per-round ratios); gathered = {args.chunk} publishes per gather; "
+        f"lossy: rounds in which the broker dropped messages (left out)\n"
     )
     lines = []
     for row in rows:
@@ -574,10 +840,11 @@ def report(
                 f"{paired(row.rates, gathered, ratio):.2f}x",
                 f"{statistics.median(row.cpu) * 1e6:,.0f}",
                 str(row.wire),
+                f"{row.lost}/{len(row.rates)}",
             ]
         )
     table(
-        ["client", "QoS", "msg/s", "vs naive", "vs gathered", "CPU µs/msg", "wire B"],
+        ["client", "QoS", "msg/s", "vs naive", "vs gathered", "CPU µs/msg", "wire B", "lossy"],
         lines,
         args.markdown,
     )
@@ -611,7 +878,8 @@ def report(
             ]
         )
     table(["client", "p50 µs", "p99 µs", "over raw socket p50 µs"], lines, args.markdown)
-    print("\nTargets")
+    report_first(first, args)
+    print(f"\nTargets (on {args.url})")
     checks: list[tuple[str, str, bool]] = []
     for qos in (0, 1):
         awaited = find(rows, "cascade-bus awaited", qos).rates
@@ -652,6 +920,7 @@ def report(
             f"{added:+.0f} µs",
             added <= TARGET_ADDED_P50_US,
         ),
+        *first_checks(first),
     ]
     width = max(len(text) for text, _, _ in checks)
     for text, value, passed in checks:
@@ -666,25 +935,24 @@ class SharedBroker:
     url: str
     port: int
 
-    def close(self) -> None:
-        """Nothing to stop: the broker is not ours."""
-
 
 async def run(args: argparse.Namespace) -> bool:
-    broker: BrokerProcess | SharedBroker
-    if args.url:
-        broker = SharedBroker(args.url, urlsplit(args.url).port or 1883)
-    else:
-        broker = await asyncio.to_thread(start_mosquitto)
+    broker = SharedBroker(args.url, urlsplit(args.url).port or 1883)
+    tuned = None if args.no_tuned else await asyncio.to_thread(start_mosquitto)
     try:
-        rows = build_rows(broker, args)
-        latency = build_latency_rows(broker, args)
-        publish_rtt = build_publish_rows(broker, args)
+        rows = build_rows(broker, tuned, args)
+        latency = build_latency_rows(broker, tuned, args)
+        publish_rtt = build_publish_rows(broker, tuned, args)
+        first = build_first_rows(broker, tuned, args)
         for repeat in range(args.repeat):
             for row in rows:
                 gc.collect()
                 cpu = time.process_time()
-                row.rates.append(await row.run())
+                try:
+                    row.rates.append(await row.run())
+                except Dropped as exc:
+                    print(f"  {row.name} QoS {row.qos}: {exc} (broker dropped)", file=sys.stderr)
+                    row.rates.append(math.nan)
                 row.cpu.append((time.process_time() - cpu) / args.messages)
                 if args.verbose:
                     print(f"  {row.name} QoS {row.qos}: {row.rates[-1]:,.0f}/s", file=sys.stderr)
@@ -693,10 +961,16 @@ async def run(args: argparse.Namespace) -> bool:
                 samples = await lat.run()
                 lat.p50s.append(percentile(samples, 0.50))
                 lat.p99s.append(percentile(samples, 0.99))
+            for one in first:
+                gc.collect()
+                fresh, steady = await one.run()
+                one.first += fresh
+                one.steady += steady
             print(f"repeat {repeat + 1}/{args.repeat} done", file=sys.stderr)
-        return report(rows, latency, publish_rtt, args)
+        return report(rows, latency, publish_rtt, first, args)
     finally:
-        await asyncio.to_thread(broker.close)
+        if tuned is not None:
+            await asyncio.to_thread(tuned.close)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -710,8 +984,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-paho", action="store_true", help="skip the paho reference rows")
     parser.add_argument(
         "--url",
-        default="",
-        help="use this running broker (the stock mqtt://127.0.0.1:1883) instead of a private one",
+        default="mqtt://127.0.0.1:1883",
+        help="the running broker measured (default: the stock shared Mosquitto)",
+    )
+    parser.add_argument(
+        "--fresh", type=int, default=20, help="fresh subscriptions (and steady messages) per round"
+    )
+    parser.add_argument(
+        "--no-tuned",
+        action="store_true",
+        help="skip the extra rows on a private tuned Mosquitto (set_tcp_nodelay true)",
     )
     args = parser.parse_args(argv)
     print(

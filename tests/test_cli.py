@@ -25,6 +25,7 @@ from click.testing import CliRunner, Result
 
 import cascade_bus
 from cascade_bus import Connector, _registry, demo
+from cascade_bus._install import install_command
 from cascade_bus.cli import EXTRA_HINT, main
 from cascade_bus.cli._app import cli
 from cascade_bus.testing.brokers import free_port
@@ -209,7 +210,10 @@ def test_pub_raw_stdin_and_plain_sub_lines() -> None:
     assert invoke("pub", url, "notes/b", "[1, 2]", "--retain").exit_code == 0
     result = invoke("sub", url, "notes/+", "--count", "2", "--timeout", "5", "--quiet")
     assert result.exit_code == 0, result.output
-    assert sorted(result.stdout.splitlines()) == ["notes/a hello world", "notes/b [1,2]"]
+    assert sorted(result.stdout.splitlines()) == [
+        "notes/a [retained] hello world",
+        "notes/b [retained] [1,2]",
+    ]
     assert result.stderr == ""
 
 
@@ -262,10 +266,11 @@ def test_known_scheme_without_its_adapter_says_what_to_install(
     loaded = {k: v for k, v in _registry._registered.items() if k not in hidden}
     monkeypatch.setattr(_registry, "_registered", loaded)
     result = invoke("sub", "nats://127.0.0.1:4222", "a/#")
-    assert_one_line_error(result, "no transport for scheme 'nats'; pip install cascade-bus-nats")
+    install = install_command("cascade-bus-nats")  # -e adapters/nats from a checkout
+    assert_one_line_error(result, "no transport for scheme 'nats'", install)
     assert result.exit_code == 2
     doctor = invoke("doctor", "nats://127.0.0.1:4222")
-    assert "hint: install its adapter: pip install cascade-bus-nats" in doctor.stdout
+    assert f"hint: install its adapter: {install}" in " ".join(doctor.stdout.split())
 
 
 @needs_mqtt_adapter
@@ -358,7 +363,7 @@ def test_doctor_unknown_scheme_suggests() -> None:
     hint = (
         "use mqtt://user:[secure]@localhost"
         if "mqtt" in cascade_bus.available_transports()
-        else "pip install cascade-bus-mqtt"
+        else install_command("cascade-bus-mqtt")
     )
     assert hint in result.stdout
     assert_one_line_error(result, "transport failed")
@@ -397,7 +402,7 @@ def test_watch_once_shows_the_retained_state() -> None:
     result = invoke("watch", url, "--once")
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert 'cascade/notes/n1 {"text":"[bold]not markup[/bold]"}' in out
+    assert 'cascade/notes/n1 [retained] {"text":"[bold]not markup[/bold]"}' in out
     assert re.search(
         r"│ run-a\s+│ running\s+│ 1 running, 1 succeeded\s+│ transform #2 running", out
     )
@@ -406,7 +411,9 @@ def test_watch_once_shows_the_retained_state() -> None:
     )
     assert re.search(r"│ run-a\s+│ extract\s+│\s+1 │ succeeded\s+│ \d\d:\d\d:\d\d\.\d{3} │", out)
     assert "watching cascade/# on " + url in out
-    assert "5 message(s)" in out
+    assert "6 message(s)" in out  # the 5 above and the engine's retained presence
+    assert "Engines (0 online of 1)" in out  # the Connector announced itself, then left
+    assert re.search(r"│ [\w.-]+-\d+\S*\s+│ offline\s+│ before this watch │", out)
 
 
 @pytest.mark.mqtt
@@ -482,8 +489,10 @@ def test_pub_sub_round_trip_across_processes(mqtt_url: str, unique_topic: str) -
     assert [r["topic"] for r in records] == [f"{unique_topic}/a", f"{unique_topic}/b"]
     assert records[0]["payload"] == {"n": 1}
     assert records[0]["headers"] == {"k": "v"}
-    # --raw sends the bytes as they are; a non-JSON body arrives as bytes.
-    assert records[1]["payload_base64"] == "cGxhaW4gdGV4dA=="
+    # --raw sends the bytes as they are; a non-JSON text body is shown as text.
+    assert records[1]["payload_text"] == "plain text"
+    assert "payload_base64" not in records[1]
+    assert [r["retained"] for r in records] == [False, False]
 
 
 @pytest.mark.mqtt

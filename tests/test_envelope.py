@@ -122,17 +122,19 @@ def test_wire_field_names_are_cloudevents() -> None:
     assert wire["id"] == env.id
     assert wire["source"] == "urn:test"
     assert wire["type"] == "t.1"
-    assert wire["topic"] == "sensors/t1"
-    assert wire["headers"] == {"h": "v"}
+    assert wire["subject"] == "sensors/t1"  # the topic is the CloudEvents subject
+    assert wire["h"] == "v"  # a header is an extension attribute
     assert wire["time"].endswith("Z")
     # The Python names never reach the wire.
-    for python_name in ("payload", "content_type", "correlation_id", "reply_to"):
+    for python_name in ("payload", "content_type", "correlation_id", "reply_to", "topic"):
         assert python_name not in wire
+    assert "headers" not in wire
     # datacontenttype is omitted when it is the CloudEvents JSON default, written otherwise.
     assert wire.get("datacontenttype", "application/json") == "application/json"
     binary = msgspec.json.decode(codec.encode_envelope(make(codec, b"\x00")))
     assert binary["datacontenttype"] == "application/octet-stream"
-    assert base64.b64decode(binary["data"]) == b"\x00"
+    assert "data" not in binary  # binary data is data_base64, as the JSON format says
+    assert base64.b64decode(binary["data_base64"]) == b"\x00"
 
 
 def test_optional_attributes_are_omitted() -> None:
@@ -237,12 +239,20 @@ def test_cloudevent_struct_payload_becomes_builtins() -> None:
     assert event["data"] == {"x": 1, "y": 2}
 
 
-def test_cloudevent_headers_that_are_not_attribute_names_are_not_extensions() -> None:
-    env = make(Codec("json", "s"), 1, headers={"X-Upper": "1", "with-dash": "2", "ok": "3"})
+def test_cloudevent_headers_that_are_not_attribute_names_travel_in_one_attribute() -> None:
+    headers = {"X-Upper": "1", "with-dash": "2", "ok": "3", "id": "4"}
+    env = make(Codec("json", "s"), 1, headers=headers)
     event = env.to_cloudevent()
     assert "X-Upper" not in event
     assert "with-dash" not in event
+    assert event["id"] == env.id  # a header never overrides an attribute
     assert event["ok"] == "3"
+    assert msgspec.json.decode(event["cascadeheaders"]) == {
+        "X-Upper": "1",
+        "with-dash": "2",
+        "id": "4",
+    }
+    assert Envelope.from_cloudevent(event).headers == headers
 
 
 @pytest.mark.parametrize("missing", ["id", "source", "type"])
@@ -485,7 +495,11 @@ def test_raw_with_ce_headers_rebuilds_metadata() -> None:
     )
     headers = codec.binary_headers(env)
     assert headers["ce-specversion"] == "1.0"
-    assert headers["content-type"] == "application/json"
+    # The NATS binding's names: every attribute ce-prefixed, datacontenttype included.
+    assert headers["ce-datacontenttype"] == "application/json"
+    assert headers["ce-subject"] == "sensors/t1"
+    assert headers["ce-app"] == "x"  # a header is an extension attribute
+    assert "content-type" not in headers
     body = codec.encode_payload(env.payload)
     assert body == b'{"v":1}'
     back = decoder_for().decode("sensors/t1", body, headers)

@@ -151,14 +151,14 @@ class _Toy(NetworkTransport):
     async def aclose(self) -> None:
         self._closed = True
 
-    async def publish(
+    def send(
         self,
         topic: str,
         data: bytes,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        headers: Mapping[str, str] | None = None,
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+        reply_to: str | None = None,
     ) -> None:
         return None
 

@@ -2,8 +2,8 @@
 
 A transport whose broker never confirms is simulated by a tiny in-test transport (there is no
 broker client to mock: this is the bus's own timeout logic). The transport hands back either an
-`asyncio.Future` (``publish_nowait``, watched by one shared timer) or a coroutine (``publish``,
-bounded by ``asyncio.timeout``).
+`asyncio.Future` from ``send`` (watched by one shared timer) or a coroutine (bounded by
+``asyncio.timeout``).
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ class SilentBroker(Transport):
         self.confirming = False
         self.refusing = False
         self.pending: list[asyncio.Future[None]] = []
-        if futures:
-            self.publish_nowait = self._publish_nowait
+        self.futures = futures
 
     async def connect(self) -> None:
         """Nothing to connect to."""
@@ -49,22 +48,22 @@ class SilentBroker(Transport):
         self.pending.append(fut)
         return fut
 
-    def _publish_nowait(
-        self, topic: str, data: bytes, qos: int, retain: bool, headers: Mapping[str, str] | None
-    ) -> Awaitable[None] | None:
-        return self._confirmation() if qos else None
-
-    async def publish(
+    def send(
         self,
         topic: str,
         data: bytes,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        if qos:
-            await self._confirmation()
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+        reply_to: str | None = None,
+    ) -> Awaitable[None] | None:
+        if not qos:
+            return None
+        confirmation = self._confirmation()
+        return confirmation if self.futures else self._confirmed(confirmation)
+
+    async def _confirmed(self, confirmation: asyncio.Future[None]) -> None:
+        await confirmation
 
     async def subscribe(
         self, pattern: str, sink: MessageSink, *, qos: int = 0, queue: str | None = None

@@ -25,6 +25,7 @@ from cascade_bus import (
     register_transport,
     unregister_transport,
 )
+from cascade_bus._install import install_command
 from cascade_bus._memory import MemoryTransport
 
 
@@ -64,14 +65,14 @@ class FakeTransport(Transport):
     async def aclose(self) -> None:
         return None
 
-    async def publish(
+    def send(
         self,
         topic: str,
         data: bytes,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        headers: Mapping[str, str] | None = None,
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+        reply_to: str | None = None,
     ) -> None:
         self.published.append((topic, data))
         for sink in self.sinks:
@@ -96,7 +97,7 @@ def test_typo_suggests_the_scheme_and_the_package() -> None:
         cascade_bus.connect("mqqt://h")
     message = str(info.value)
     assert "did you mean mqtt" in message
-    assert "pip install cascade-bus-mqtt" in message
+    assert install_command("cascade-bus-mqtt") in message  # from a checkout: -e adapters/mqtt
     assert info.value.suggestion == "mqtt"
     assert info.value.scheme == "mqqt"
     assert "memory" in info.value.known
@@ -116,15 +117,15 @@ def test_other_typos(url: str, suggestion: str, package: str | None) -> None:
     assert info.value.suggestion == suggestion
     assert f"did you mean {suggestion}" in str(info.value)
     if package is not None:
-        assert f"pip install {package}" in str(info.value)
+        assert install_command(package) in str(info.value)
     else:
-        assert "pip install" not in str(info.value)
+        assert " install " not in str(info.value)
 
 
 def test_known_but_not_installed_scheme_names_the_package() -> None:
     with pytest.raises(UnknownScheme) as info:
         cascade_bus.connect("nats://localhost:4222")
-    assert "pip install cascade-bus-nats" in str(info.value)
+    assert install_command("cascade-bus-nats") in str(info.value)
     assert info.value.scheme == "nats"
 
 
@@ -202,6 +203,48 @@ async def test_registered_transport_carries_messages() -> None:
         assert [t for t, _ in transport.published] == ["a/b"]
 
 
+async def test_a_transport_implementing_only_publish_still_works_and_is_deprecated() -> None:
+    """The first SPI had a coroutine ``publish`` and no ``send``: such a transport is wrapped."""
+    with pytest.warns(DeprecationWarning, match="implements publish\\(\\) but not send\\(\\)"):
+
+        class OldTransport(Transport):
+            def __init__(self, url: cascade_bus.BusURL, options: Mapping[str, Any]) -> None:
+                super().__init__(url, options)
+                self.sinks: list[MessageSink] = []
+
+            async def connect(self) -> None:
+                return None
+
+            async def aclose(self) -> None:
+                return None
+
+            async def publish(
+                self,
+                topic: str,
+                data: bytes,
+                *,
+                qos: int = 0,
+                retain: bool = False,
+                headers: Mapping[str, str] | None = None,
+            ) -> None:
+                for sink in self.sinks:
+                    sink.deliver(Message(topic, data, headers))
+
+            async def subscribe(
+                self, pattern: str, sink: MessageSink, *, qos: int = 0, queue: str | None = None
+            ) -> TransportSubscription:
+                self.sinks.append(sink)
+                return _Handle()
+
+    name = scheme()
+    register_transport(name, OldTransport)  # type: ignore[type-abstract]
+    async with cascade_bus.connect(f"{name}://h") as bus:
+        async with bus.subscribe("a/b") as sub:
+            await bus.publish("a/b", {"v": 1})
+            assert (await sub.get(timeout=2)).payload == {"v": 1}
+        assert bus.stats().published == 1
+
+
 def test_register_is_case_insensitive() -> None:
     name = scheme()
     register_transport(name.upper(), FakeTransport)
@@ -268,11 +311,11 @@ def test_unregister_a_replacement_restores_the_installed_transport() -> None:
 # -- the Transport ABC ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("missing", ["connect", "aclose", "publish", "subscribe"])
+@pytest.mark.parametrize("missing", ["connect", "aclose", "send", "subscribe"])
 def test_transport_missing_an_abstract_method_cannot_be_instantiated(missing: str) -> None:
     namespace = {
         name: getattr(FakeTransport, name)
-        for name in ("connect", "aclose", "publish", "subscribe")
+        for name in ("connect", "aclose", "send", "subscribe")
         if name != missing
     }
     incomplete = type("Incomplete", (Transport,), namespace)

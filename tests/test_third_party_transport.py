@@ -202,14 +202,14 @@ class LoopbackTransport(Transport):
         for sub in list(self.subs):
             await sub.unsubscribe()
 
-    async def publish(
+    def send(
         self,
         topic: str,
         data: bytes,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        headers: Mapping[str, str] | None = None,
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+        reply_to: str | None = None,
     ) -> None:
         if not self.connected:
             raise PublishError("loopback transport is not connected", topic=topic)

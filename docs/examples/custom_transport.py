@@ -1,7 +1,7 @@
 """A complete (toy) transport: the whole SPI in about sixty lines, registered at run time."""
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, ClassVar
 
 import cascade_bus
@@ -15,6 +15,12 @@ from cascade_bus.spi import (
     TransportSubscription,
     topic_matches,
 )
+
+
+async def _ready(sinks: list[MessageSink]) -> None:
+    """Wait until every full subscriber has room again."""
+    for sink in sinks:
+        await sink.ready()
 
 
 class LoopbackTransport(Transport):
@@ -43,21 +49,29 @@ class LoopbackTransport(Transport):
                 self._subscriptions.remove(entry)
         self._mine.clear()
 
-    async def publish(
+    def send(
         self,
         topic: str,
         data: bytes,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """Hand the body to every matching subscription, in order."""
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+        reply_to: str | None = None,
+    ) -> Awaitable[None] | None:
+        """Hand the body to every matching subscription, in order (the hot path: no coroutine).
+
+        Returns None once delivered, or an awaitable when a subscriber is at its high-water
+        mark and the publisher should wait for it (flow control).
+        """
         if not self._open:
             raise PublishError("loopback transport is closed", topic=topic)
-        for pattern, sink in list(self._subscriptions):
-            if topic_matches(pattern, topic) and not sink.deliver(Message(topic, data)):
-                await sink.ready()  # flow control: the subscriber is at its high-water mark
+        message = Message(topic, data)
+        full = [
+            sink
+            for pattern, sink in self._subscriptions
+            if topic_matches(pattern, topic) and not sink.deliver(message)
+        ]
+        return _ready(full) if full else None
 
     async def subscribe(
         self, pattern: str, sink: MessageSink, *, qos: int = 0, queue: str | None = None

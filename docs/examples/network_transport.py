@@ -8,7 +8,7 @@ same guarantees as the first-party transports and passes the shared fault suite.
 import asyncio
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -172,20 +172,21 @@ class RespToyTransport(NetworkTransport):
         await self._tasks.aclose()
         self._set_connected(False)
 
-    async def publish(
+    def send(
         self,
         topic: str,
         data: bytes,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """Write a PUBLISH, or hold it while disconnected (the kit's one policy)."""
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+        reply_to: str | None = None,
+    ) -> Awaitable[None] | None:
+        """Write a PUBLISH, or hold it while disconnected (the kit's one policy); never waits."""
         if not self.connected or self._pub is None:
             self._offline.hold(Outgoing(topic, data, qos, retain), reconnecting=self._net.reconnect)
-            return
+            return None
         self._pub.write(command("PUBLISH", PREFIX + topic, data))
+        return None
 
     async def subscribe(
         self, pattern: str, sink: MessageSink, *, qos: int = 0, queue: str | None = None

@@ -44,11 +44,24 @@ class Bus(BusRequests):
     - ``inbox_prefix``: topic prefix for request/reply inboxes (``_inbox``).
     - ``dedupe``: suppress a message whose envelope id each subscription saw among its last
       ``dedupe`` messages (0, the default: off); suppressed ones count as duplicates.
+    - ``presence``: a topic (or True for ``cascade/status/<host>-<pid>``) that holds a
+      retained ``presence_online`` body (``{"status": "online"}``) while the bus is open and
+      ``presence_offline`` (``{"status": "offline"}``) after close or a crash; how fast a
+      crash shows depends on the transport (docs/presence.md). ``presence_interval``
+      (5 s) paces the lease renewals where presence is emulated (NATS, Redis): offline within
+      5 intervals of a crash. ``presence_sweep``: also turn lapsed leases of other buses into
+      offline without announcing this bus (watchers).
 
     Raises:
         UnknownScheme: no transport is installed for the URL's scheme.
         InvalidURL: the URL or an option is invalid.
+        UnsupportedFeature: ``presence`` on a transport that does not declare it.
     """
+
+    @property
+    def presence_topic(self) -> str | None:
+        """The topic this bus keeps its online/offline status on (option ``presence``)."""
+        return self._presence.topic if self._presence is not None else None
 
     def stats(self) -> Stats:
         """Return a snapshot of the counters (published, delivered, dropped by reason, ...)."""

@@ -13,12 +13,15 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ._bus_options import BUS_OPTIONS, BusOptions
+from ._cloudevents import STRUCTURED_HEADERS
+from ._cloudevents_binary import static_binary_headers
 from ._codec import Codec, WireFormat, local_payload_encoder
 from ._deadlines import Deadlines
 from ._envelope import DEFAULT_TYPE, Envelope, new_id
 from ._errors import BusClosed, InvalidURL, UnsupportedFeature
 from ._host import BusHost, ErrorHook
 from ._middleware import Middleware, steps
+from ._presence import Presence
 from ._registry import get_transport
 from ._transport import LocalPublisher, Transport
 from ._url import BusURL
@@ -91,6 +94,9 @@ class BusCore:
         self._close_timeout = opts.close_timeout
         self._retained_timeout = opts.retained_timeout
         self._inbox_prefix = opts.inbox_prefix
+        # Presence stays out of the hot paths: only open() and close() touch it.
+        presence = opts.presence
+        self._presence = Presence(transport, presence) if presence.topic or presence.sweep else None
         self._stats = transport.stats
         self._state = State.NEW
         self._live = False  # == (self._state is State.OPEN); an enum compare costs ~60 ns
@@ -107,12 +113,18 @@ class BusCore:
             self._stats, on_error=on_error, flow_timeout=opts.flow_timeout, publish=self.publish
         )
         self._raw_headers = self._format == "raw" and self.capabilities.headers
-        static = {"ce-specversion": "1.0", "ce-source": self._codec.source, "ce-type": DEFAULT_TYPE}
-        self._raw_static_headers: Mapping[str, str] = MappingProxyType(static)
+        source = self._codec.source
+        self._raw_static_headers: Mapping[str, str] = MappingProxyType(
+            static_binary_headers(source, DEFAULT_TYPE, "application/json")
+        )
         self._raw_octet_headers: Mapping[str, str] = MappingProxyType(
-            {**static, "content-type": "application/octet-stream"}
+            static_binary_headers(source, DEFAULT_TYPE, "application/octet-stream")
         )
         self._plain_json = self._format == "json"
+        # A structured JSON body says so where the transport has headers, as the bindings ask.
+        self._structured: Mapping[str, str] | None = (
+            STRUCTURED_HEADERS if self._plain_json and self.capabilities.headers else None
+        )
         # memory:// takes envelopes instead of bodies: each subscription copies the payload.
         self._publish_local: Callable[..., Awaitable[None] | None] | None = (
             transport.publish_local
@@ -121,16 +133,17 @@ class BusCore:
         )
         # An in-process transport's limit is fixed when it is built: no property call per message.
         self._local_limit = transport.max_payload if self._publish_local is not None else None
+        # The Connector's path (`_publish_payload`), in any format: a `Stub`, never an envelope.
+        self._payload_local: Callable[..., Awaitable[None] | None] | None = (
+            transport.publish_local
+            if isinstance(transport, LocalPublisher) and not self._publish_steps
+            else None
+        )
+        self._payload_limit = transport.max_payload if self._payload_local is not None else None
         self._local_msgpack = self._format == "msgpack"
         self._local_encode = local_payload_encoder(self._local_msgpack)
-        # Optional: requests handed over with their reply topic (NATS reply subjects).
-        self._publish_request: Callable[..., Awaitable[None] | None] | None = (
-            transport.publish_request
-        )
-        # Optional transport fast path: deliver synchronously, return an awaitable only to wait.
-        self._publish_nowait: Callable[..., Awaitable[None] | None] | None = (
-            transport.publish_nowait
-        )
+        # The transport's hot path, bound once.
+        self._transport_send: Callable[..., Awaitable[None] | None] = transport.send
         self._exact_filter = not transport.filters_exactly
 
     if TYPE_CHECKING:

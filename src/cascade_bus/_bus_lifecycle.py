@@ -39,6 +39,8 @@ class BusLifecycle(BusCore):
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await self.transport.connect()
+                if self._presence is not None:
+                    await self._presence.start()
         except TimeoutError:
             self._state = State.CLOSED
             await self._abort()
@@ -63,6 +65,8 @@ class BusLifecycle(BusCore):
         return self
 
     async def _abort(self) -> None:
+        if self._presence is not None:
+            await self._presence.cancel()
         try:
             await asyncio.shield(self.transport.aclose())
         except Exception as exc:
@@ -117,6 +121,8 @@ class BusLifecycle(BusCore):
         def left() -> float:
             return max(0.0, deadline - asyncio.get_running_loop().time())
 
+        if self._presence is not None:  # offline first, flushed with the rest below
+            await self._presence.stop(left())
         if self._inflight:
             self._idle = asyncio.Event()
             try:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ._codec import WireFormat, check_format
 from ._errors import InvalidTopic, InvalidURL
+from ._presence import PRESENCE_OPTIONS, PresenceOptions
 from ._topics import validate_topic
 from ._url import parse_float, parse_int
 
@@ -31,6 +32,7 @@ BUS_OPTIONS = frozenset(
         "inbox_prefix",
         "dedupe",
     }
+    | PRESENCE_OPTIONS
 )
 """The option names the bus takes; every other option belongs to the transport."""
 
@@ -54,6 +56,7 @@ class BusOptions:
         "flow_timeout",
         "format",
         "inbox_prefix",
+        "presence",
         "publish_timeout",
         "retained_timeout",
         "source",
@@ -79,6 +82,7 @@ class BusOptions:
         self.retained_timeout = parse_float(
             "retained_timeout", options.get("retained_timeout", 5.0)
         )
+        self.presence = PresenceOptions(options)
         self.inbox_prefix = str(options.get("inbox_prefix", "_inbox")).strip("/")
         try:
             validate_topic(self.inbox_prefix)

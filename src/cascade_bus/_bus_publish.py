@@ -10,20 +10,22 @@ from __future__ import annotations
 import asyncio
 import builtins
 from collections.abc import Awaitable, Mapping
-from functools import partial
+from time import time as _time
 from typing import Any
 
-from . import _envelope
+from . import _envelope, _stub
 from ._bus_lifecycle import BusLifecycle
 from ._codec import now_utc as _now
 from ._envelope import DEFAULT_TYPE, Envelope
 from ._errors import (
     BusError,
     ConnectionLost,
+    EncodeError,
     PayloadTooLarge,
     PublishError,
     UnsupportedFeature,
 )
+from ._finite import check_finite, suspect
 from ._middleware import compose
 from ._stats import DropReason
 from ._topics import validate_topic
@@ -127,6 +129,14 @@ class BusPublishing(BusLifecycle):
                     body = self._local_encode(payload)
                 except (TypeError, ValueError, OverflowError):
                     body = None  # `_send_local` raises the EncodeError
+                if (
+                    body is not None
+                    and (
+                        self._local_msgpack or body.find(b"null") >= 0  # `suspect` inlined for JSON
+                    )
+                    and suspect(body, self._local_msgpack)
+                ):
+                    body = None  # maybe a NaN: `_send_local` checks (and raises EncodeError)
                 if body is not None and (limit is None or len(body) + 1024 <= limit):
                     try:
                         pending = self._publish_local(topic, (env, body, self._local_msgpack), qos)
@@ -145,7 +155,7 @@ class BusPublishing(BusLifecycle):
         if self._plain_json and not (headers or correlation_id or reply_to or type):
             if builtins.type(payload) is not bytes:
                 data = self._codec.encode_plain(topic, payload)
-                native = None
+                native = self._structured
             else:
                 data, native = self._encode(topic, payload, None, None, None, None)
         else:
@@ -153,6 +163,54 @@ class BusPublishing(BusLifecycle):
         pending = self._send(topic, data, native, qos, retain, reply_to)
         if pending is not None:
             await pending
+
+    def _publish_payload(
+        self, topic: str, payload: dict[str, Any], qos: int = 0
+    ) -> Awaitable[None] | None:
+        """`publish` of a dict without metadata, not retained: the `Connector`'s hot path.
+
+        In process (memory://) the subscribers get the payload and a `Stub` instead of an
+        envelope, and no coroutine is made: returns None once handed over, else an awaitable
+        to wait on (a full subscriber, QoS 1; on other transports, `publish` itself).
+
+        Raises:
+            As `publish`.
+        """
+        local = self._payload_local
+        if local is None:
+            return self.publish(topic, payload, qos=qos)
+        if not self._live:
+            self._check_open()
+        if builtins.type(topic) is not str or topic not in self._valid_topics:
+            validate_topic(topic)
+            if len(self._valid_topics) >= 4096:
+                self._valid_topics.clear()
+            self._valid_topics.add(topic)
+        if qos:
+            self._check_qos(qos)
+        msgpack = self._local_msgpack
+        try:
+            body = self._local_encode(payload)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(
+                f"cannot encode payload of type {builtins.type(payload).__name__} for topic "
+                f"{topic!r}: {exc}"
+            ) from None
+        if (msgpack or body.find(b"null") >= 0) and suspect(body, msgpack):  # inlined
+            check_finite(payload, body, msgpack=msgpack, topic=topic)
+        limit = self._payload_limit
+        if limit is not None and len(body) + 1024 > limit:
+            return self.publish(topic, payload, qos=qos)  # near the limit: measure it all
+        stub = (topic, self._source, _stub.next_seq(), _time())
+        try:
+            pending = local(topic, (stub, body, msgpack), qos)
+        except BusError:
+            self._stats.drop(DropReason.PUBLISH_FAILED)
+            raise
+        if pending is None:
+            self._stats.published += 1
+            return None
+        return self._finish_send(topic, pending, qos)
 
     def _send(
         self,
@@ -173,21 +231,16 @@ class BusPublishing(BusLifecycle):
                 size=len(data),
                 limit=limit,
             )
-        nowait = self._publish_nowait
-        if reply_to is not None and self._publish_request is not None and not retain:
-            nowait = partial(self._publish_request, reply_to=reply_to)
-        pending: Awaitable[None] | None
-        if nowait is None:
-            pending = self.transport.publish(topic, data, qos=qos, retain=retain, headers=native)
-        else:
-            try:
-                pending = nowait(topic, data, qos, retain, native)
-            except BusError as exc:
-                self._stats.drop(_reason_for(exc))
-                raise
-            if pending is None:  # delivered synchronously
-                self._stats.published += 1
-                return None
+        try:
+            pending = self._transport_send(
+                topic, data, qos, retain, native, None if retain else reply_to
+            )
+        except BusError as exc:
+            self._stats.drop(_reason_for(exc))
+            raise
+        if pending is None:  # handed over synchronously
+            self._stats.published += 1
+            return None
         return self._finish_send(topic, pending, qos)
 
     def _send_local(self, env: Envelope[Any], qos: int) -> Awaitable[None] | None:
@@ -276,22 +329,23 @@ class BusPublishing(BusLifecycle):
                     # (the receiver makes up id and time); bytes say so to stay bytes.
                     if isinstance(payload, bytes):
                         return payload, self._raw_octet_headers
-                    return codec.encode_payload(payload), self._raw_static_headers
+                    return codec.encode_payload(payload, topic), self._raw_static_headers
                 if env is None:
                     env = codec.envelope(
                         topic, payload, headers=headers, correlation_id=correlation_id,
                         reply_to=reply_to, type=type,
                     )  # fmt: skip
-                return codec.encode_payload(payload), codec.binary_headers(env)
+                return codec.encode_payload(payload, topic), codec.binary_headers(env)
             if not (headers or correlation_id or reply_to or type):
-                return codec.encode_payload(payload), None
+                return codec.encode_payload(payload, topic), None
             # Metadata needs somewhere to live: without native headers, send the envelope.
         if env is None:
             env = codec.envelope(
                 topic, payload, headers=headers, correlation_id=correlation_id,
                 reply_to=reply_to, type=type,
             )  # fmt: skip
-        return codec.encode_envelope(env, "msgpack" if self._format == "msgpack" else "json"), None
+        body = codec.encode_envelope(env, "msgpack" if self._format == "msgpack" else "json")
+        return body, self._structured
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Return once everything published so far has reached the broker.

@@ -151,7 +151,7 @@ class BusSubscribing(BusPublishing):
                 pattern, handler, queue, qos, decoder, policy, chain
             )
 
-        return SubscribeCall(start)
+        return SubscribeCall(start, pattern)
 
     async def _start_subscription(
         self,

@@ -22,6 +22,9 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
         no_responders: The transport can tell that a request reached no subscriber, so
             `Bus.request` raises `NoResponders` at once instead of waiting out its timeout.
         will: A last-will message the broker publishes when the client vanishes.
+        presence: The bus's ``presence`` option: a retained online/offline status that turns
+            offline after a crash (natively or emulated; each transport documents how, and
+            how fast).
         persistence: Messages survive a broker restart.
         ordering: Messages from one publisher to one subscription arrive in order.
         max_payload: Largest message body in bytes, or None when unbounded.
@@ -37,6 +40,7 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     request_reply: bool = True
     no_responders: bool = False
     will: bool = False
+    presence: bool = False
     persistence: bool = False
     ordering: bool = True
     max_payload: int | None = None

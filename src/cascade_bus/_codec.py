@@ -9,9 +9,6 @@ and opaque bytes all arrive as envelopes.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import contextlib
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from functools import lru_cache, partial
@@ -20,6 +17,14 @@ from typing import Any, Literal, TypeAlias
 import msgspec
 
 from . import _envelope
+from ._cloudevents import (
+    encode_json,
+    encode_msgpack,
+    old_bytes,
+    own_extended,
+    split_members,
+)
+from ._cloudevents_binary import bare_envelope, binary_headers
 from ._envelope import (
     BYTES_CONTENT_TYPE,
     DEFAULT_TYPE,
@@ -28,6 +33,8 @@ from ._envelope import (
     new_id,
 )
 from ._errors import DecodeError, EncodeError, InvalidURL
+from ._finite import check_finite
+from ._stub import Stub, envelope_of
 
 __all__ = ["Codec", "EnvelopeDecoder", "WireFormat"]
 
@@ -43,9 +50,11 @@ _json_any = msgspec.json.Decoder()
 # First bytes of a MessagePack map (fixmap, map16, map32): how we tell msgpack from JSON.
 _MSGPACK_MAP = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
 _EMPTY: bytes = b""
+_NULL = b"null"  # where msgspec writes a NaN or infinity in JSON (see _finite)
 # How every JSON envelope we encode starts (the tag field comes first): a 60 ns check that
 # spares our own messages the 200 ns search for "specversion" anywhere in the body.
 _OWN_JSON = b'{"specversion":"1.0"'
+_OWN_TAIL = b',"specversion":"1.0",'  # what follows our extension attributes
 
 
 def local_payload_encoder(msgpack: bool) -> Callable[[Any], bytes]:
@@ -78,7 +87,7 @@ class Codec:
         self.fmt = fmt
         self.source = source
 
-    def encode_payload(self, payload: Any) -> bytes:
+    def encode_payload(self, payload: Any, topic: str = "") -> bytes:
         """Encode just the payload (``raw`` format); bytes pass through unchanged.
 
         Raises:
@@ -87,11 +96,14 @@ class Codec:
         if isinstance(payload, bytes):
             return payload
         try:
-            return _json_encoder.encode(payload)
+            body = _json_encoder.encode(payload)
         except (TypeError, ValueError, OverflowError) as exc:
             raise EncodeError(
                 f"cannot encode payload of type {type(payload).__name__}: {exc}"
             ) from None
+        if body.find(_NULL) >= 0:  # a NaN would have become null: look closer (rarely)
+            check_finite(payload, body, topic=topic)
+        return body
 
     def envelope(
         self,
@@ -157,6 +169,7 @@ class Codec:
                 f"cannot encode payload of type {type(payload).__name__} for topic "
                 f"{env.topic!r}: {exc}"
             ) from None
+        check_finite(payload, body, msgpack=msgpack, topic=env.topic)
         return env, body, msgpack
 
     def encode_plain(self, topic: str, payload: Any) -> bytes:
@@ -166,7 +179,7 @@ class Codec:
             EncodeError: the payload is not encodable.
         """
         try:
-            return _json_encode(
+            body = _json_encode(
                 Envelope(
                     id=new_id(),
                     source=self.source,
@@ -180,6 +193,9 @@ class Codec:
             raise EncodeError(
                 f"cannot encode payload of type {type(payload).__name__} for topic {topic!r}: {exc}"
             ) from None
+        if body.find(_NULL) >= 0:  # a NaN would have become null: look closer (rarely)
+            check_finite(payload, body, topic=topic)
+        return body
 
     def encode_envelope(self, env: Envelope[Any], fmt: WireFormat | None = None) -> bytes:
         """Encode a whole envelope in ``fmt`` (default: this codec's format, raw → json).
@@ -188,31 +204,20 @@ class Codec:
             EncodeError: the payload is not encodable.
         """
         fmt = fmt or self.fmt
+        if env.retained:  # how it was received, not part of the message
+            env = msgspec.structs.replace(env, retained=False)
         try:
-            if fmt == "msgpack":
-                return _msgpack_encoder.encode(env)
-            return _json_encoder.encode(env)
+            body = (encode_msgpack if fmt == "msgpack" else encode_json)(env)
         except (TypeError, ValueError, OverflowError) as exc:
             raise EncodeError(
                 f"cannot encode payload of type {type(env.payload).__name__} for topic "
                 f"{env.topic!r}: {exc}"
             ) from None
+        if fmt == "msgpack" or body.find(_NULL) >= 0:
+            check_finite(env.payload, body, msgpack=fmt == "msgpack", topic=env.topic)
+        return body
 
-    @staticmethod
-    def binary_headers(env: Envelope[Any]) -> dict[str, str]:
-        """The envelope's metadata as CloudEvents binary-mode headers plus its own headers."""
-        out = dict(env.headers)
-        out["ce-specversion"] = "1.0"
-        out["ce-id"] = env.id
-        out["ce-source"] = env.source
-        out["ce-type"] = env.type
-        out["ce-time"] = env.time.isoformat()
-        out["content-type"] = env.content_type
-        if env.correlation_id is not None:
-            out["ce-correlationid"] = env.correlation_id
-        if env.reply_to is not None:
-            out["ce-replyto"] = env.reply_to
-        return out
+    binary_headers = staticmethod(binary_headers)
 
 
 class EnvelopeDecoder:
@@ -244,8 +249,10 @@ class EnvelopeDecoder:
             self._json_payload.decode if self._untyped else None
         )
 
-    def decode_local(self, local: tuple[Envelope[Any], bytes | None, bool]) -> Envelope[Any]:
+    def decode_local(self, local: tuple[Envelope[Any] | Stub, bytes | None, bool]) -> Envelope[Any]:
         """This subscription's own copy of an envelope published in this process.
+
+        ``local[0]`` is the envelope, or a `Stub` (see `cascade_bus._stub`) that it is built from.
 
         Equal to decoding the full body, without encoding or parsing the metadata: only the
         payload is decoded (which also keeps subscribers from sharing mutable payloads).
@@ -254,19 +261,25 @@ class EnvelopeDecoder:
             DecodeError: the payload does not fit the type.
         """
         env, body, is_msgpack = local
-        if body is None:  # a bytes payload
+        stub = env if isinstance(env, tuple) else None  # a `Stub`: the envelope is built here
+        topic = env[0] if isinstance(env, tuple) else env.topic
+        if body is None:  # a bytes payload (never a stub's)
+            assert not isinstance(env, tuple)
             if not (self._untyped or self._type is bytes):
-                data = (_msgpack_encoder if is_msgpack else _json_encoder).encode(env)
-                return self.decode(env.topic, data)
+                data = (encode_msgpack if is_msgpack else encode_json)(env)
+                return self.decode(topic, data)
             payload: Any = env.payload
         else:
             try:
                 payload = (self._msgpack_payload if is_msgpack else self._json_payload).decode(body)
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 raise DecodeError(
-                    f"payload on {env.topic!r} does not match {_type_name(self._type)}: {exc}",
-                    topic=env.topic,
+                    f"payload on {topic!r} does not match {_type_name(self._type)}: {exc}",
+                    topic=topic,
                 ) from None
+            if stub is not None:
+                return envelope_of(stub, payload)
+        assert not isinstance(env, tuple)
         headers = env.headers
         return msgspec.structs.replace(
             env, payload=payload, headers=dict(headers) if headers else {}
@@ -284,58 +297,59 @@ class EnvelopeDecoder:
         if not data:
             return self._bare(topic, _EMPTY, headers, BYTES_CONTENT_TYPE)
         is_msgpack = data[0] in _MSGPACK_MAP
-        if not is_msgpack and not data.startswith(_OWN_JSON) and b'"specversion"' not in data:
-            return self._foreign(topic, data, headers)  # a CloudEvent always names its version
+        if not is_msgpack and not data.startswith(_OWN_JSON):
+            if b'"specversion"' not in data:
+                return self._foreign(topic, data, headers)  # a CloudEvent names its version
+            # Ours with extension attributes (they come first), or another producer's event.
+            cut = data.find(_OWN_TAIL)
+            own = own_extended(self._json.decode, topic, data, cut) if cut > 0 else None
+            return own or self._slow(topic, data, headers, is_msgpack)
         try:
             env: Envelope[Any] = (self._msgpack if is_msgpack else self._json).decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return self._slow(topic, data, headers, is_msgpack)
-        payload = env.payload
-        if payload is None and not is_msgpack and b'"data_base64"' in data:
-            env = self._with_base64(env, data, topic)
-        elif env.content_type == BYTES_CONTENT_TYPE and self._untyped and isinstance(payload, str):
-            # JSON carries bytes as base64 text; give back the bytes that were published.
-            with contextlib.suppress(binascii.Error, ValueError):  # not base64: keep the text
-                env = msgspec.structs.replace(env, payload=base64.b64decode(payload, validate=True))
-        if not env.topic:
+        if env.content_type == BYTES_CONTENT_TYPE and self._untyped and type(env.payload) is str:
+            env = old_bytes(env)
+        if not env.topic:  # a body's own subject wins (a forwarded event keeps its topic)
             env = msgspec.structs.replace(env, topic=topic)
         return env
-
-    def _with_base64(self, env: Envelope[Any], data: bytes, topic: str) -> Envelope[Any]:
-        """A CloudEvent carrying binary data as ``data_base64`` (other producers do)."""
-        try:
-            raw = _base64_shell.decode(data).data_base64
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise DecodeError(
-                f"CloudEvent on {topic!r} has bad data_base64: {exc}", topic=topic
-            ) from None
-        if raw is None:
-            return env
-        return msgspec.structs.replace(env, payload=raw)
 
     def _slow(
         self, topic: str, data: bytes, headers: Mapping[str, str] | None, is_msgpack: bool
     ) -> Envelope[Any]:
-        """Tell a typed-payload mismatch inside our envelope from a foreign bare body."""
-        raw_decoder = _raw_envelope_msgpack if is_msgpack else _raw_envelope_json
+        """A body the fast decode refused (see `split_members`), or a foreign one."""
         try:
-            shell = raw_decoder.decode(data)
+            members = (_members_msgpack if is_msgpack else _members_json).decode(data)
+            known, ext, binary = split_members(members, is_msgpack, topic)
+            shell = (_raw_envelope_msgpack if is_msgpack else _raw_envelope_json).decode(
+                (_msgpack_encoder if is_msgpack else _json_encoder).encode(known)
+            )
         except (msgspec.ValidationError, msgspec.DecodeError):
             return self._foreign(topic, data, headers)
-        payload_decoder = self._msgpack_payload if is_msgpack else self._json_payload
-        try:
-            payload = payload_decoder.decode(shell.payload)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise DecodeError(
-                f"payload on {topic!r} does not match {_type_name(self._type)}: {exc}", topic=topic
-            ) from None
-        return msgspec.structs.replace(shell, payload=payload, topic=shell.topic or topic)
+        payload: Any = binary
+        if binary is None and "data" in members:
+            try:
+                payload = (self._msgpack_payload if is_msgpack else self._json_payload).decode(
+                    members["data"]
+                )
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise DecodeError(
+                    f"payload on {topic!r} does not match {_type_name(self._type)}: {exc}",
+                    topic=topic,
+                ) from None
+        env = msgspec.structs.replace(
+            shell, payload=payload, headers=ext, topic=shell.topic or topic
+        )
+        if env.content_type == BYTES_CONTENT_TYPE and self._untyped and type(payload) is str:
+            env = old_bytes(env)
+        return env
 
     def _foreign(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> Envelope[Any]:
         """A body that is not an envelope: bare JSON from another client, or opaque bytes."""
         if (
             headers
-            and headers.get("content-type") == BYTES_CONTENT_TYPE
+            and BYTES_CONTENT_TYPE
+            in (headers.get("ce-datacontenttype"), headers.get("content-type"))
             and (self._untyped or self._type is bytes)
         ):
             return self._bare(topic, data, headers, BYTES_CONTENT_TYPE)
@@ -354,53 +368,11 @@ class EnvelopeDecoder:
             ) from None
         return self._bare(topic, payload, headers, JSON_CONTENT_TYPE)
 
-    @staticmethod
-    def _bare(
-        topic: str, payload: Any, headers: Mapping[str, str] | None, content_type: str
-    ) -> Envelope[Any]:
-        """Wrap a bare payload, taking CloudEvents binary-mode ``ce-*`` headers if present."""
-        if not headers:
-            return Envelope(
-                id=new_id(),
-                source="",
-                type="",
-                time=datetime.now(UTC),
-                topic=topic,
-                payload=payload,
-                content_type=content_type,
-            )
-        own: dict[str, str] = {}
-        meta: dict[str, str] = {}
-        for key, value in headers.items():
-            if key.startswith("ce-"):
-                meta[key[3:]] = value
-            elif key != "content-type":
-                own[key] = value
-        when = datetime.now(UTC)
-        if "time" in meta:
-            with contextlib.suppress(ValueError):
-                when = datetime.fromisoformat(meta["time"])
-        return Envelope(
-            id=meta.get("id") or new_id(),
-            source=meta.get("source", ""),
-            type=meta.get("type", ""),
-            time=when,
-            topic=topic,
-            payload=payload,
-            content_type=headers.get("content-type", content_type)
-            if payload != _EMPTY
-            else content_type,
-            headers=own,
-            correlation_id=meta.get("correlationid"),
-            reply_to=meta.get("replyto"),
-        )
+    _bare = staticmethod(bare_envelope)
 
 
-class _Base64Shell(msgspec.Struct):
-    data_base64: bytes | None = None
-
-
-_base64_shell = msgspec.json.Decoder(_Base64Shell)
+_members_json = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_members_msgpack = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
 _raw_envelope_json = msgspec.json.Decoder(Envelope[msgspec.Raw])
 _raw_envelope_msgpack = msgspec.msgpack.Decoder(Envelope[msgspec.Raw])
 

@@ -14,9 +14,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._bus import Bus
-from ._envelope import Envelope
+from ._presence import connector_presence_topic
 from ._subscription import Subscription
 from ._url import BusURL
+from ._worker import PayloadHandler
 
 __all__ = ["Connector", "ConnectorSubscription"]
 
@@ -26,17 +27,12 @@ log = logging.getLogger("cascade_bus.connector")
 Callback = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
-def _as_dict(env: Envelope[Any]) -> dict[str, Any]:
-    payload = env.payload
-    if isinstance(payload, dict):
-        return payload
-    if payload is None or payload == b"" or payload == "":
-        return {}  # an empty (clearing) message reaches Cascade as {}
-    return {"value": payload}
+class ConnectorSubscription(PayloadHandler):
+    """The handle `Connector.subscribe` returns; `unsubscribe` is idempotent.
 
-
-class ConnectorSubscription:
-    """The handle `Connector.subscribe` returns; `unsubscribe` is idempotent."""
+    It is the subscription's handler too: the bus calls ``callback(topic, payload_dict)``
+    straight from the subscription's queue, without an envelope (see `PayloadHandler`).
+    """
 
     def __init__(self, connector: Connector, topic: str, callback: Callback) -> None:
         self.topic = topic
@@ -45,11 +41,15 @@ class ConnectorSubscription:
         self._sub: Subscription[Any] | None = None
         self.active = True
 
-    async def _handle(self, env: Envelope[Any]) -> None:
-        await self.callback(env.topic, _as_dict(env))
+    @staticmethod
+    def shape(payload: Any) -> dict[str, Any]:
+        """Cascade gets dicts: an empty (clearing) message as {}, any other value wrapped."""
+        if payload is None or payload == b"" or payload == "":
+            return {}
+        return {"value": payload}
 
     async def _attach(self, bus: Bus) -> None:
-        self._sub = await bus.subscribe(self.topic, self._handle)
+        self._sub = await bus.subscribe(self.topic, self)
 
     async def unsubscribe(self) -> None:
         """Stop calling the callback. Calling it again does nothing."""
@@ -71,10 +71,14 @@ class Connector:
     Args:
         url: The broker URL (default ``memory://``).
         **options: Bus and transport options; ``format`` defaults to ``raw`` so plain clients
-            read exactly the dict that was published.
+            read exactly the dict that was published. ``presence`` defaults to upstream
+            Cascade's ``cascade/status/<host>-<pid>`` (``{"status": "online"}`` while
+            connected, ``{"status": "offline"}`` after a disconnect or a crash) on every
+            transport that declares presence; ``presence=False`` turns it off.
 
     Attributes:
         publish_failures: Publishes that failed (logged, never raised into the engine).
+        presence_topic: Where this connector announces itself (None: presence is off).
     """
 
     def __init__(self, url: str = "memory://", **options: Any) -> None:
@@ -88,7 +92,11 @@ class Connector:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.publish_failures = 0
         # Build a bus now so a bad URL or scheme fails here, not inside the engine later.
-        Bus(self._url, **self._options)
+        probe = Bus(self._url, **self._options)
+        if "presence" not in self._url.merged_options(options) and probe.capabilities.presence:
+            options["presence"] = connector_presence_topic()
+            probe = Bus(self._url, **self._options)
+        self.presence_topic = probe.presence_topic
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"
@@ -142,15 +150,20 @@ class Connector:
         the topic's retained message.
         """
         bus = self._bus
-        if bus is None or not bus.is_open:
+        if bus is None or not bus._live:  # `is_open`, without a property call
             self.publish_failures += 1
             log.error("publish to %r dropped: connector for %s is not connected", topic, self._url)
             return
-        body: Any = payload
-        if retain and (payload is None or payload == {} or payload == "" or payload == b""):
-            body = b""
         try:
-            await bus.publish(topic, body, qos=qos, retain=retain)
+            if retain or type(payload) is not dict:
+                body: Any = payload
+                if retain and (payload is None or payload == {} or payload == "" or payload == b""):
+                    body = b""
+                await bus.publish(topic, body, qos=qos, retain=retain)
+            else:  # the engine's telemetry: no coroutine on memory:// (`Bus._publish_payload`)
+                pending = bus._publish_payload(topic, payload, qos)
+                if pending is not None:
+                    await pending
         except Exception as exc:
             self.publish_failures += 1
             log.error(

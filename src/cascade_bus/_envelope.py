@@ -12,6 +12,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from ._cloudevents import encode_json, extensions
 from ._errors import DecodeError
 
 __all__ = ["Envelope", "new_id"]
@@ -57,12 +58,16 @@ class Envelope(
     omit_defaults=True,
     tag_field="specversion",
     tag="1.0",
+    # Extension attributes are not fields: a body with any goes to the codec's slow path,
+    # which turns them into headers (see _cloudevents.py).
+    forbid_unknown_fields=True,
 ):
     """A message and its metadata; encodes as a CloudEvents 1.0 structured JSON event.
 
-    The wire names follow CloudEvents (``data``, ``datacontenttype``, ``correlationid``,
-    ``replyto``) so any CloudEvents or JSON tool can read the body; the Python names are the
-    ones DESIGN.md promises. ``topic`` and ``headers`` are cascade-bus extension attributes.
+    The wire names follow CloudEvents (``data``, ``datacontenttype``, ``subject`` for the
+    topic, ``correlationid``, ``replyto``) so any CloudEvents or JSON tool can read the body;
+    the Python names are the ones DESIGN.md promises. Headers travel as extension attributes
+    (see ``docs/cloudevents.md``); encode with the bus's codec, which maps them, not msgspec alone.
 
     Attributes:
         id: Unique message id (CloudEvents ``id``).
@@ -75,18 +80,22 @@ class Envelope(
         headers: Application headers (string to string).
         correlation_id: Ties a reply to its request.
         reply_to: The topic a responder should publish its reply to.
+        retained: True when this is a retained message the broker replayed (on subscribe or
+            after a reconnect), False when it is live. Set on receipt from the transport's
+            `Message.retained`; never sent on the wire.
     """
 
     id: str
     source: str
     type: str
     time: datetime = msgspec.field(default_factory=lambda: datetime.now(UTC))
-    topic: str = ""
+    topic: str = msgspec.field(default="", name="subject")
     payload: T = msgspec.field(default=None, name="data")  # type: ignore[assignment]
     content_type: str = msgspec.field(default=JSON_CONTENT_TYPE, name="datacontenttype")
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     correlation_id: str | None = msgspec.field(default=None, name="correlationid")
     reply_to: str | None = msgspec.field(default=None, name="replyto")
+    retained: bool = False
 
     @property
     def is_clear(self) -> bool:
@@ -96,38 +105,21 @@ class Envelope(
     def to_cloudevent(self) -> dict[str, Any]:
         """Return this envelope as a CloudEvents 1.0 structured-mode JSON object (a dict).
 
-        Headers become extension attributes when their names are valid CloudEvents attribute
-        names (lower-case letters and digits); bytes payloads use ``data_base64``.
+        Headers with attribute names (lower-case letters and digits) become extension
+        attributes, the others one ``cascadeheaders`` attribute (a JSON object as a string);
+        bytes payloads use ``data_base64``: the same members as the JSON body.
         """
-        event: dict[str, Any] = {
-            "specversion": "1.0",
-            "id": self.id,
-            "source": self.source,
-            "type": self.type,
-            "time": self.time.isoformat().replace("+00:00", "Z"),
-            "datacontenttype": self.content_type,
-        }
-        if self.topic:
-            event["subject"] = self.topic
-        if self.correlation_id is not None:
-            event["correlationid"] = self.correlation_id
-        if self.reply_to is not None:
-            event["replyto"] = self.reply_to
-        for key, value in self.headers.items():
-            if key.isalnum() and key.islower() and key.isascii() and key not in event:
-                event[key] = value
-        payload: Any = self.payload
-        if isinstance(payload, bytes | bytearray | memoryview):
-            event["data_base64"] = base64.b64encode(bytes(payload)).decode()
-        else:
-            event["data"] = msgspec.to_builtins(payload)
+        env = msgspec.structs.replace(self, retained=False) if self.retained else self
+        event: dict[str, Any] = msgspec.json.decode(encode_json(env))
+        event.setdefault("datacontenttype", self.content_type)
         return event
 
     @classmethod
     def from_cloudevent(cls, event: dict[str, Any]) -> Envelope[Any]:
         """Build an envelope from a CloudEvents 1.0 structured-mode object (a dict).
 
-        Unknown extension attributes with string values become headers.
+        Extension attributes become headers (``cascadeheaders`` unpacked; other than string
+        values as their canonical strings).
 
         Raises:
             DecodeError: a required attribute (id, source, type) is missing or the spec version
@@ -140,21 +132,7 @@ class Envelope(
         missing = [k for k in ("id", "source", "type") if not event.get(k)]
         if missing:
             raise DecodeError(f"CloudEvent lacks required attribute(s): {', '.join(missing)}")
-        known = {
-            "specversion",
-            "id",
-            "source",
-            "type",
-            "time",
-            "datacontenttype",
-            "subject",
-            "correlationid",
-            "replyto",
-            "data",
-            "data_base64",
-            "dataschema",
-        }
-        headers = {k: v for k, v in event.items() if k not in known and isinstance(v, str)}
+        headers = extensions(event)
         time_text = event.get("time")
         try:
             when = (

@@ -133,6 +133,7 @@ class MemoryTransport(Transport):
         request_reply=True,
         no_responders=True,
         will=False,
+        presence=True,  # in-process: offline at close and at interpreter exit (`Presence`)
         persistence=False,
         ordering=True,
         max_payload=DEFAULT_MAX_PAYLOAD,
@@ -149,6 +150,11 @@ class MemoryTransport(Transport):
         self._max_payload = parse_int(
             "max_payload", self.options.get("max_payload", DEFAULT_MAX_PAYLOAD)
         )
+        if (url.host and url.name) or url.port is not None or len(url.hosts) > 1:
+            raise InvalidURL(
+                f"memory:// takes one name, memory://NAME (got {url.redacted()!r}): "
+                "no port, path or second host"
+            )
         self.broker = MemoryBroker.named(url.host or url.name or "default")
         self._members: list[_Member] = []
         self._open = False
@@ -169,29 +175,16 @@ class MemoryTransport(Transport):
             self.broker.remove(member)
         self._members.clear()
 
-    async def publish(
-        self,
-        topic: str,
-        data: bytes,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """Deliver synchronously to every matching subscription, waiting on full ones."""
-        pending = self.publish_nowait(topic, data, qos, retain, headers)
-        if pending is not None:
-            await pending
-
-    def publish_nowait(
+    def send(
         self,
         topic: str,
         data: bytes,
         qos: int,
         retain: bool,
         headers: Mapping[str, str] | None,
+        reply_to: str | None = None,
     ) -> Awaitable[None] | None:
-        """`publish` without a coroutine: returns an awaitable only when a subscriber is full."""
+        """Deliver synchronously to every matching subscription; awaitable only if one is full."""
         if not self._open:
             raise BusClosed("memory transport is closed")
         broker = self.broker
@@ -204,7 +197,6 @@ class MemoryTransport(Transport):
                 # the message still counts as published, as a broker would accept it). A
                 # retained message is kept for the next subscriber, so it is not lost.
                 self.stats.drop(DropReason.NO_SUBSCRIBER)
-            reply_to = headers.get("ce-replyto") if headers else None
             if reply_to and self.on_no_responders is not None:
                 self.on_no_responders(reply_to)
         message = (
@@ -223,7 +215,7 @@ class MemoryTransport(Transport):
     def publish_local(
         self, topic: str, local: tuple[Any, bytes | None, bool], qos: int
     ) -> Awaitable[None] | None:
-        """`publish_nowait` for a non-retained envelope from a bus in this process: no body.
+        """`send` for a non-retained envelope from a bus in this process: no body.
 
         Subscribers copy the payload from the encoded payload alone, so the envelope is never
         encoded nor parsed as a whole (see `Message.local`).
@@ -235,7 +227,8 @@ class MemoryTransport(Transport):
         if not route.plain and not route.groups:
             if qos:
                 self.stats.drop(DropReason.NO_SUBSCRIBER)
-            reply_to = local[0].reply_to
+            env = local[0]
+            reply_to = None if type(env) is tuple else env.reply_to  # a `Stub` has none
             if reply_to and self.on_no_responders is not None:
                 self.on_no_responders(reply_to)
         message = Message(topic, b"", None, False, qos, None, local)  # positional: ~20 ns less

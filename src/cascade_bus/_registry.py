@@ -12,6 +12,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING
 
 from ._errors import InvalidURL, UnknownScheme
+from ._install import install_command
 
 if TYPE_CHECKING:
     from ._transport import Transport
@@ -27,18 +28,45 @@ __all__ = [
 ENTRY_POINT_GROUP = "cascade_bus.transports"
 
 #: First-party schemes and the distribution that provides each (for "pip install ..." hints).
+#: ``ws``, ``wss`` and ``tls`` are the older, generic names of ``mqtt+ws``, ``mqtt+wss`` and
+#: ``nats+tls`` (aliases).
 KNOWN_PACKAGES: dict[str, str] = {
     "memory": "cascade-bus",
     "mqtt": "cascade-bus-mqtt",
     "mqtts": "cascade-bus-mqtt",
+    "mqtt+ws": "cascade-bus-mqtt",
+    "mqtt+wss": "cascade-bus-mqtt",
     "ws": "cascade-bus-mqtt",
     "wss": "cascade-bus-mqtt",
     "nats": "cascade-bus-nats",
+    "nats+tls": "cascade-bus-nats",
     "tls": "cascade-bus-nats",
+    "amqp": "cascade-bus-amqp",
+    "amqps": "cascade-bus-amqp",
     "redis": "cascade-bus-redis",
     "rediss": "cascade-bus-redis",
     "redis+cluster": "cascade-bus-redis[cluster]",
     "rediss+cluster": "cascade-bus-redis[cluster]",
+}
+
+#: Schemes of other messaging protocols that no cascade-bus adapter speaks (yet): an unknown
+#: scheme among them says so instead of suggesting a near spelling (``kafka`` is not ``nats``).
+OTHER_PROTOCOLS: dict[str, str] = {
+    "kafka": "Apache Kafka",
+    "kafka+ssl": "Apache Kafka",
+    "pulsar": "Apache Pulsar",
+    "pulsar+ssl": "Apache Pulsar",
+    "stomp": "STOMP",
+    "stomp+ssl": "STOMP",
+    "zmq": "ZeroMQ",
+    "zeromq": "ZeroMQ",
+    "nsq": "NSQ",
+    "sqs": "Amazon SQS",
+    "sb": "Azure Service Bus",
+    "coap": "CoAP",
+    "coaps": "CoAP",
+    "xmpp": "XMPP",
+    "mqtt-sn": "MQTT-SN",
 }
 
 # Used only when the package metadata is missing (running from a source tree without install).
@@ -122,10 +150,15 @@ def get_transport(scheme: str) -> type[Transport]:
         module_name, _, attr = target.partition(":")
         loaded = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        package = KNOWN_PACKAGES.get(key, "the package that provides it")
+        package = KNOWN_PACKAGES.get(key)
+        again = (
+            install_command(package).replace(" install ", " install --force-reinstall ", 1)
+            if package
+            else "reinstall the package that provides it"
+        )
         raise UnknownScheme(
             f"the transport for {key}:// ({target}) is installed but cannot be imported: {exc}; "
-            f"reinstall it (pip install --force-reinstall {package})",
+            f"reinstall it ({again})",
             scheme=key,
             suggestion=None,
             known=tuple(available_transports()),
@@ -136,6 +169,21 @@ def get_transport(scheme: str) -> type[Transport]:
 
 def _unknown(scheme: str) -> UnknownScheme:
     usable = tuple(available_transports())
+    installed = f" (installed: {', '.join(usable) or 'none'})"
+    package = KNOWN_PACKAGES.get(scheme)
+    if package is not None:  # a first-party adapter that is not installed
+        text = (
+            f"no transport for scheme {scheme!r}; install the adapter: {install_command(package)}"
+        )
+        return UnknownScheme(text + installed, scheme=scheme, suggestion=None, known=usable)
+    protocol = OTHER_PROTOCOLS.get(scheme)
+    if protocol is not None:
+        text = (
+            f"no transport for scheme {scheme!r}: {protocol} is not supported yet (no "
+            f"cascade-bus adapter; a third-party one would provide {scheme}:// through the "
+            f"{ENTRY_POINT_GROUP!r} entry points)"
+        )
+        return UnknownScheme(text + installed, scheme=scheme, suggestion=None, known=usable)
     candidates = sorted(set(usable) | set(KNOWN_PACKAGES))
     close = difflib.get_close_matches(scheme, candidates, n=1, cutoff=0.5)
     suggestion = close[0] if close else None
@@ -143,10 +191,5 @@ def _unknown(scheme: str) -> UnknownScheme:
     if suggestion is not None:
         text += f"; did you mean {suggestion}?"
         if suggestion not in usable:
-            text += f" pip install {KNOWN_PACKAGES[suggestion]}"
-    elif scheme in KNOWN_PACKAGES:
-        text += f"; pip install {KNOWN_PACKAGES[scheme]}"
-    if scheme in KNOWN_PACKAGES and scheme not in usable:
-        text = f"no transport for scheme {scheme!r}; pip install {KNOWN_PACKAGES[scheme]}"
-    text += f" (installed: {', '.join(usable) or 'none'})"
-    return UnknownScheme(text, scheme=scheme, suggestion=suggestion, known=usable)
+            text += f" {install_command(KNOWN_PACKAGES[suggestion])}"
+    return UnknownScheme(text + installed, scheme=scheme, suggestion=suggestion, known=usable)

@@ -82,6 +82,7 @@ class SubscriptionSink:
         self._end_reason = DropReason.CLOSED
         self._overflow = policy.overflow
         self._invoke: Next | None = None
+        self._direct = not middleware  # the handler is called as it is
         if handler is not None:
             # An async handler is the end of the chain itself (no wrapper on the hot path).
             final = cast(Next, handler) if self._is_async else self._call_handler

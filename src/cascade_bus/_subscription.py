@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
+
+import msgspec
 
 from ._envelope import Envelope
 from ._errors import BusClosed
@@ -83,6 +86,8 @@ class Subscription(HandlerWorker, Generic[T]):
                         if local is None
                         else self._decode_local(local)
                     )
+                    if message.retained is not env.retained:  # receipt decides, not the body
+                        env = msgspec.structs.replace(env, retained=message.retained)
                 except Exception as exc:  # a bad message must never end the iteration
                     self._stats.drop(DropReason.DECODE_ERROR)
                     self._host.report(as_decode_error(exc, message.topic), message.topic, None)
@@ -192,19 +197,38 @@ class SubscribeCall(Generic[T]):
     """What `Bus.subscribe` returns: await it, or use it as ``async with``.
 
     ``await bus.subscribe(...)`` gives the `Subscription`; ``async with bus.subscribe(...) as
-    sub`` also unsubscribes on exit.
+    sub`` also unsubscribes on exit. Nothing happens until one of them: a call left neither
+    awaited nor entered warns (`RuntimeWarning`) when it is garbage-collected, like a coroutine
+    that was never awaited, because the subscription it promised was never made.
     """
 
-    __slots__ = ("_start", "_sub")
+    __slots__ = ("_pattern", "_start", "_sub", "_used")
 
-    def __init__(self, start: Callable[[], Awaitable[Subscription[T]]]) -> None:
+    def __init__(self, start: Callable[[], Awaitable[Subscription[T]]], pattern: str = "?") -> None:
         self._start = start
+        self._pattern = pattern
         self._sub: Subscription[T] | None = None
+        self._used = False
+
+    def __del__(self) -> None:
+        if not getattr(self, "_used", True):
+            warnings.warn(
+                f"bus.subscribe({self._pattern!r}, ...) was never awaited, so nothing was "
+                "subscribed: write `await bus.subscribe(...)` or `async with bus.subscribe(...)`",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def close(self) -> None:
+        """Discard the call without subscribing and without the warning (as `coroutine.close`)."""
+        self._used = True
 
     def __await__(self) -> Generator[Any, None, Subscription[T]]:
+        self._used = True
         return self._start().__await__()
 
     async def __aenter__(self) -> Subscription[T]:
+        self._used = True
         self._sub = await self._start()
         return self._sub
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
@@ -107,7 +108,7 @@ class LocalPublisher(Protocol):
 
     ``publish_local(topic, (envelope, payload_body, is_msgpack), qos)`` hands a bus's envelope to
     subscriptions in this process without encoding a body (see `Message.local`); returns like
-    ``publish_nowait``.
+    `Transport.send`.
     """
 
     def publish_local(
@@ -128,7 +129,7 @@ class Transport(abc.ABC):
     """A connection to one broker, moving bytes for a `Bus`.
 
     Subclasses declare `capabilities`, a `mapper` for their native topic syntax, and implement
-    the abstract methods. The bus calls `connect` once, then any number of `publish` /
+    the abstract methods. The bus calls `connect` once, then any number of `send` /
     `subscribe` calls concurrently from one event loop, then `aclose` once.
 
     Args:
@@ -143,30 +144,24 @@ class Transport(abc.ABC):
     """Translates portable topics to native names and back."""
     package: ClassVar[str] = "cascade-bus"
     """The distribution that provides this transport (for error messages and listings)."""
-    publish_nowait: Any = None
-    """Optional fast path: ``publish_nowait(topic, data, qos, retain, headers)``.
-
-    A transport may define this method beside `publish`. It must not block: it hands the
-    message over synchronously and returns None when that is all (the bus then counts it as
-    published), or an awaitable the bus awaits when the caller must wait (a full buffer, a
-    QoS>=1 acknowledgement). It raises synchronously what `publish` would raise. The bus calls it
-    instead of `publish` when present, saving a coroutine per message.
-    """
     on_no_responders: Callable[[str], None] | None = None
     """Set by the bus: call it with a request's ``reply_to`` topic when the broker reports that
     the request reached no subscriber (declare ``Capabilities.no_responders``)."""
-    publish_request: Any = None
-    """Optional: ``publish_request(topic, data, qos, retain, headers, *, reply_to)``.
-
-    Called instead of `publish` / ``publish_nowait`` for a message that expects a reply on the
-    portable topic ``reply_to`` (`Bus.request`, or ``publish(reply_to=...)``), never for a
-    retained one. A transport with native request/reply (NATS reply subjects) carries
-    ``reply_to`` natively, so its broker can report no responders (see `on_no_responders`).
-    Returns like ``publish_nowait``: None once handed over, or an awaitable to wait on.
-    """
     filters_exactly: ClassVar[bool] = True
     """False when the transport may deliver messages a pattern does not match exactly (e.g. a
     broader native glob); the bus then filters every message with `topic_matches`."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A transport written for the first SPI implements only `publish`: its `send` wraps it.
+        if cls.send is Transport.send and cls.publish is not Transport.publish:
+            warnings.warn(
+                f"{cls.__qualname__} implements publish() but not send(): implement send(), the "
+                "transport hot path (publish() over it is provided by Transport)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            cls.send = Transport._send_via_publish  # type: ignore[method-assign]
 
     def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
         self.url = url
@@ -200,6 +195,31 @@ class Transport(abc.ABC):
         """
 
     @abc.abstractmethod
+    def send(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+        reply_to: str | None = None,
+    ) -> Awaitable[None] | None:
+        """Send one body to a concrete portable topic: the hot path, one call per message.
+
+        It must not block: hand the message over and return None when that is all (the bus
+        counts it as published), or return an awaitable the bus awaits when the caller must
+        wait (a full buffer; for ``qos >= 1`` the broker's acceptance, or the message being
+        held in a buffer that survives a reconnect). ``retain=True`` with an empty body clears
+        the retained message of the topic. ``reply_to`` is the portable topic a request expects
+        its reply on (never set with ``retain``): a transport with native request/reply (NATS
+        reply subjects) carries it natively so its broker can report no responders (see
+        `on_no_responders`); others ignore it, the envelope carries it anyway.
+
+        Raises:
+            PublishError: synchronously (or from the awaitable) when the broker refused it,
+                or it could not be sent or buffered.
+        """
+
     async def publish(
         self,
         topic: str,
@@ -209,15 +229,22 @@ class Transport(abc.ABC):
         retain: bool = False,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        """Send one body to a concrete portable topic.
+        """`send`, awaited: for callers outside the bus (tests, tools) that want one coroutine."""
+        pending = self.send(topic, data, qos, retain, headers)
+        if pending is not None:
+            await pending
 
-        For ``qos >= 1`` return only once the broker has accepted the message (or it is held
-        in a buffer that survives a reconnect). ``retain=True`` with an empty body clears the
-        retained message of the topic.
-
-        Raises:
-            PublishError: the broker refused it, or it could not be sent or buffered.
-        """
+    def _send_via_publish(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+        reply_to: str | None = None,
+    ) -> Awaitable[None] | None:
+        """`send` for a deprecated transport that implements only `publish` (a coroutine)."""
+        return self.publish(topic, data, qos=qos, retain=retain, headers=headers)
 
     @abc.abstractmethod
     async def subscribe(

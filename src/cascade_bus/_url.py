@@ -17,7 +17,7 @@ SECRET_OPTIONS = frozenset(
      "api_key", "apikey", "nkey", "seed", "jwt", "credentials"}
 )  # fmt: skip
 #: Schemes whose bare user name (``scheme://NAME@host``, no password) is a token (NATS).
-SECRET_USERNAME_SCHEMES = frozenset({"nats", "tls"})
+SECRET_USERNAME_SCHEMES = frozenset({"nats", "nats+tls", "tls"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -32,7 +32,8 @@ class BusURL:
         url: The URL text.
 
     Raises:
-        InvalidURL: the text has no ``scheme://`` or a port is not a number.
+        InvalidURL: the text has no ``scheme://``, a port is not a number, or it has a
+            ``#fragment`` (nothing would read it).
     """
 
     __slots__ = ("_password", "hosts", "options", "path", "scheme", "username")
@@ -62,6 +63,11 @@ class BusURL:
             parts = urlsplit("x://" + rest)
         except ValueError as exc:
             raise InvalidURL(f"cannot parse {where!r}: {exc}") from None
+        if "#" in rest:  # silently dropped otherwise: say it means nothing here
+            raise InvalidURL(  # not echoed: the fragment may be the tail of a token
+                f"the {self.scheme}:// URL has a #fragment, which means nothing in a bus URL; "
+                "remove it (write a '#' inside an option value as %23)"
+            )
         self.hosts: tuple[tuple[str, int | None], ...] = tuple(
             self._parse_host(h, where) for h in parts.netloc.split(",") if h
         )

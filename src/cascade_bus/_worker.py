@@ -9,20 +9,43 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from ._sink import SubscriptionSink, as_decode_error
 from ._stats import DropReason
+from ._stub import envelope_of
 
 if TYPE_CHECKING:
     from ._envelope import Envelope
     from ._transport import Message
 
-__all__ = ["HandlerWorker"]
+__all__ = ["HandlerWorker", "PayloadHandler"]
 
 log = logging.getLogger("cascade_bus")
+
+
+class PayloadHandler:
+    """A handler that can also take ``(topic, payload)`` straight off the queue (the Connector).
+
+    A subscription whose handler is one (and that has no middleware, dedupe, concurrency or
+    type) calls ``await callback(topic, payload)`` without building an envelope, `shape`
+    applied to payloads that are not dicts; the handler itself (``__call__(env)``, the same
+    call) serves retries and dead-lettering, and every other case.
+    """
+
+    callback: Callable[[str, Any], Awaitable[None]]
+
+    @staticmethod
+    def shape(payload: Any) -> Any:
+        """What the callback gets for a payload that is not a dict (default: it unchanged)."""
+        return payload
+
+    async def __call__(self, env: Envelope[Any]) -> None:
+        payload = env.payload
+        await self.callback(env.topic, payload if type(payload) is dict else self.shape(payload))
 
 
 class HandlerWorker(SubscriptionSink):
@@ -30,7 +53,80 @@ class HandlerWorker(SubscriptionSink):
 
     def start(self, name: str) -> None:
         """For the bus: start the worker task (named ``name``) of a handler subscription."""
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
+        handler = self._handler
+        run = (
+            self._run_payloads(handler)
+            if isinstance(handler, PayloadHandler)
+            and self._direct
+            and self._sem is None
+            and not self._policy.dedupe
+            and self._json_copy is not None
+            else self._run()
+        )
+        self._task = asyncio.get_running_loop().create_task(run, name=name)
+
+    async def _run_payloads(self, handler: PayloadHandler) -> None:
+        """`_run` for a `PayloadHandler`: ``callback(topic, payload)``, no envelope built."""
+        buf = self._buf
+        callback = handler.callback
+        shape = handler.shape
+        json_copy = self._json_copy
+        assert json_copy is not None
+        decode = self._decode
+        decode_local = self._decode_local
+        stats = self._stats
+        loop = asyncio.get_running_loop()
+        while True:
+            if not buf:
+                if self._closed:
+                    return
+                self._waiter = waiter = loop.create_future()
+                await waiter
+                continue
+            message = buf.popleft()
+            if self._room is not None and len(buf) <= self._low:
+                self._made_room()
+            local = message.local
+            try:
+                if local is not None and local[1] is not None and not local[2]:
+                    payload = json_copy(local[1])
+                elif local is None:
+                    payload = decode(message.topic, message.data, message.headers).payload
+                else:
+                    payload = decode_local(local).payload
+                if type(payload) is not dict:
+                    payload = shape(payload)
+            except Exception as exc:  # a bad message must never stop the subscription
+                stats.drop(DropReason.DECODE_ERROR)
+                self._host.report(as_decode_error(exc, message.topic), message.topic, None)
+                await self._finish(message)
+                continue
+            try:
+                await callback(message.topic, payload)
+            except Exception as exc:  # retried or reported with a fresh copy in an envelope
+                try:
+                    await self._failed(self._envelope(message), exc)
+                except asyncio.CancelledError:
+                    stats.drop(self._end_reason)
+                    raise
+            except asyncio.CancelledError:  # the subscription ended under this message
+                stats.drop(self._end_reason)
+                raise
+            else:
+                stats.delivered += 1
+            if message.ack is None and self._progress is None:
+                self._processed += 1
+            else:
+                await self._finish(message)
+
+    def _envelope(self, message: Message) -> Envelope[Any]:
+        """A fresh envelope of a message already decoded once (for retries and reports)."""
+        local = message.local
+        if local is None:
+            env = self._decode(message.topic, message.data, message.headers)
+        else:
+            env = self._decode_local(local)
+        return msgspec.structs.replace(env, retained=message.retained)
 
     async def _run(self) -> None:
         """Worker task: hand queued messages to the handler in order (FIFO)."""
@@ -61,13 +157,20 @@ class HandlerWorker(SubscriptionSink):
                 local = message.local
                 if local is None:
                     env = decode(message.topic, message.data, message.headers)
+                    if message.retained is not env.retained:  # receipt decides, not the body
+                        env = replace(env, retained=message.retained)
                 elif json_copy is not None and local[1] is not None and not local[2]:
                     env = local[0]
-                    headers = env.headers
-                    env = replace(
-                        env, payload=json_copy(local[1]), headers=dict(headers) if headers else {}
-                    )
-                else:
+                    if type(env) is tuple:  # a `Stub` (the Connector's publishes)
+                        env = envelope_of(env, json_copy(local[1]))
+                    else:
+                        headers = env.headers
+                        env = replace(
+                            env,
+                            payload=json_copy(local[1]),
+                            headers=dict(headers) if headers else {},
+                        )
+                else:  # (in-process messages are never retained replays)
                     env = decode_local(local)
             except Exception as exc:  # a bad message must never stop the subscription
                 stats.drop(DropReason.DECODE_ERROR)

@@ -45,6 +45,8 @@ STATES = ("pending", "running", "succeeded", "failed")
 TASK_NAMES = ("extract", "transform", "validate", "load", "report", "notify")
 #: Chance that a first attempt fails (it is then retried once, and the retry succeeds).
 FAILURE_RATE = 0.25
+#: Bound on clearing the retained pause when the demo is interrupted.
+CLEANUP_TIMEOUT = 3.0
 
 
 class Console:
@@ -240,6 +242,24 @@ def _stats_line(name: str, stats: Stats | None) -> str:
     )
 
 
+def _stop_if_cancelled() -> None:
+    """Re-raise a Ctrl-C that a client swallowed (3.11 ``wait_for`` race; still counted)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def _clear_pause(controller: Connector, topic: str) -> None:
+    """Remove the demo's retained pause, so no watcher later sees a phantom paused run."""
+    try:
+        async with asyncio.timeout(CLEANUP_TIMEOUT):
+            await controller.publish(topic, {}, retain=True)
+            if controller.bus is not None:
+                await controller.bus.flush(timeout=CLEANUP_TIMEOUT)
+    except (TimeoutError, BusError) as exc:
+        print(f"demo: could not clear the retained pause on {topic}: {exc}", file=sys.stderr)
+
+
 async def run_demo(url: str, runs: int, tasks: int, seconds: float, seed: int) -> int:
     """Run the whole demo against ``url`` and print the summary.
 
@@ -269,25 +289,32 @@ async def run_demo(url: str, runs: int, tasks: int, seconds: float, seed: int) -
     watcher = Watcher(console, run_ids)
     engine = Engine(engine_conn, console, run_ids, tasks, unit, seed)
     console.line("demo", f"{runs} runs x {tasks} tasks on {BusURL(url).redacted()}")
+    pause_topic = f"{CONSTRAINTS}/{paused_run}"
+    pause_set = False  # the retained pause is on the broker: clear it on every way out
     try:
         await watcher_conn.connect()
         await watcher_conn.subscribe(f"{TELEMETRY}/#", watcher.on_telemetry)
         await watcher_conn.subscribe(f"{CONSTRAINTS}/#", watcher.on_constraint)
+        _stop_if_cancelled()
 
         await controller.connect()
+        pause_set = True  # set before the publish: an interrupt may land while it is sent
         await controller.publish(
-            f"{CONSTRAINTS}/{paused_run}",
+            pause_topic,
             {"paused": True, "reason": "operator hold for a maintenance window"},
             retain=True,
         )
 
         await engine_conn.connect()
         await engine.start()  # the retained pause is already in force here
+        _stop_if_cancelled()
 
         async def release() -> None:
+            nonlocal pause_set
             await asyncio.sleep(2 * unit)
             console.line("controller", f"lifting the pause on {paused_run}")
-            await controller.publish(f"{CONSTRAINTS}/{paused_run}", {}, retain=True)
+            await controller.publish(pause_topic, {}, retain=True)
+            pause_set = controller.publish_failures > 0
 
         async with asyncio.TaskGroup() as group:
             group.create_task(engine.run_all(), name="demo-engine")
@@ -298,6 +325,8 @@ async def run_demo(url: str, runs: int, tasks: int, seconds: float, seed: int) -
         watcher_stats = watcher_conn.bus.stats() if watcher_conn.bus else None
         controller_stats = controller.bus.stats() if controller.bus else None
     finally:
+        if pause_set:  # interrupted (Ctrl-C) or failed before the release
+            await _clear_pause(controller, pause_topic)
         await engine_conn.disconnect()
         await controller.disconnect()
         await watcher_conn.disconnect()

@@ -3,8 +3,9 @@
 Besides the SPI itself (`Transport`, `Message`, `MessageSink`, ...) it holds the adapter kit:
 the mechanisms every network transport composes instead of writing them again —
 `NetworkOptions` / `tls_context`, `Outgoing` / `OfflineBuffer` (the publish-while-down policy),
-`Supervisor` (reconnect), `TaskSet` (owned background tasks) and `RetainedLedger` (the resync
-diff, used by the bus's subscriptions).
+`Supervisor` (reconnect), `TaskSet` (owned background tasks), `Waiters` (futures waiting for the
+transport's own tokens: barriers, PONGs) and `RetainedLedger` (the resync diff, used by the bus's
+subscriptions).
 
 First-party adapters (MQTT, NATS, Redis) use only this module and the public package, exactly as
 a third-party transport would::
@@ -14,8 +15,12 @@ a third-party transport would::
 
 from ._backoff import backoff_delays
 from ._capabilities import Capabilities
+from ._cloudevents import STRUCTURED_HEADERS
+from ._cloudevents_binary import decode_header_value, encode_header_value
+from ._install import install_command
 from ._netopts import NETWORK_OPTIONS, NetworkOptions, tls_context
 from ._offline import OfflineBuffer, Outgoing
+from ._presence import LeasedPresence, NativePresence, PresenceLeases
 from ._retained import RetainedLedger
 from ._stats import DropReason, StatsRecorder
 from ._supervisor import Reconnectable, Supervisor, describe_cause
@@ -30,20 +35,25 @@ from ._transport import (
     TransportSubscription,
 )
 from ._url import BusURL, parse_bool, parse_float, parse_int
+from ._waiters import Waiters
 
 __all__ = [
     "NETWORK_OPTIONS",
+    "STRUCTURED_HEADERS",
     "BusURL",
     "Capabilities",
     "DropReason",
     "IdentityMapper",
+    "LeasedPresence",
     "LocalPublisher",
     "Message",
     "MessageSink",
+    "NativePresence",
     "NetworkOptions",
     "NetworkTransport",
     "OfflineBuffer",
     "Outgoing",
+    "PresenceLeases",
     "Reconnectable",
     "RetainedLedger",
     "StatsRecorder",
@@ -52,8 +62,12 @@ __all__ = [
     "TopicMapper",
     "Transport",
     "TransportSubscription",
+    "Waiters",
     "backoff_delays",
+    "decode_header_value",
     "describe_cause",
+    "encode_header_value",
+    "install_command",
     "parse_bool",
     "parse_float",
     "parse_int",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import cast
 
@@ -17,8 +16,10 @@ import pytest
 from cascade_bus_mqtt import MqttTransport
 
 from cascade_bus import Bus
-from cascade_bus.testing.inbox import Inbox
-from cascade_bus.testing.waits import FAST_RECONNECT, WAIT, wait_connected, wait_disconnected
+from cascade_bus.testing.waits import (
+    WAIT,
+    fault_kit,
+)
 
 
 def mqtt(bus: Bus) -> MqttTransport:
@@ -30,25 +31,7 @@ def mqtt(bus: Bus) -> MqttTransport:
 @pytest.fixture
 def kit() -> SimpleNamespace:
     """This module's helpers (tests run with --import-mode=importlib and cannot import it)."""
-    return SimpleNamespace(
-        FAST_RECONNECT=FAST_RECONNECT,
-        WAIT=WAIT,
-        Inbox=Inbox,
-        mqtt=mqtt,
-        wait_connected=wait_connected,
-        wait_disconnected=wait_disconnected,
-        run_cli=run_cli,
-        kill=kill,
-    )
-
-
-@pytest.fixture
-async def buses() -> AsyncIterator[list[Bus]]:
-    """A list to append opened buses to; all are closed after the test (bounded)."""
-    opened: list[Bus] = []
-    yield opened
-    async with asyncio.timeout(WAIT):
-        await asyncio.gather(*(bus.close() for bus in reversed(opened)), return_exceptions=True)
+    return fault_kit(mqtt=mqtt, run_cli=run_cli, kill=kill)
 
 
 @pytest.fixture

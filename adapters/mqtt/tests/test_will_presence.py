@@ -181,3 +181,15 @@ def test_presence_options_are_checked():
         cascade_bus.connect("mqtt://127.0.0.1", presence_topic="p/x", will_topic="w/x")
     with pytest.raises(InvalidURL, match="presence_topic"):
         cascade_bus.connect("mqtt://127.0.0.1", presence_topic="p/+")
+
+
+def test_bus_presence_is_the_native_will_and_refuses_another_will():
+    """The bus's portable ``presence`` option maps onto the will; will_topic conflicts with it."""
+    bus = cascade_bus.connect("mqtt://127.0.0.1", presence="p/x")
+    assert bus.capabilities.presence
+    assert bus.presence_topic == "p/x"
+    assert bus.transport.presence_payload(False) == b'{"status":"offline"}'
+    with pytest.raises(InvalidURL, match="will_topic"):
+        cascade_bus.connect("mqtt://127.0.0.1", presence="p/x", will_topic="w/x")
+    with pytest.raises(InvalidURL, match="presence_topic"):
+        cascade_bus.connect("mqtt://127.0.0.1", presence="p/x", presence_topic="p/y")

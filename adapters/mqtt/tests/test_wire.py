@@ -109,11 +109,12 @@ def test_mqtt5_properties_we_read_and_those_we_skip() -> None:
     ours = _parse_publish(command, packet, start, stop, True)
     assert ours is not None
     assert ours[:4] == ("a/b", b"body", 1, 7)
-    assert ours[6] == {"ce-id": "2", "ünï": "cödé"}  # the last of a repeated name wins
+    # The last of a repeated name wins; Content Type is the CloudEvents datacontenttype.
+    assert ours[6] == {"ce-id": "2", "ünï": "cödé", "content-type": "text/plain"}
     assert ours[7] == [5, 300, 2_000_000]
     theirs = paho_decode_publish(command, packet[start:stop], paho_mqtt.MQTTv5)
     if theirs is not None:
-        assert dict(theirs.properties.UserProperty) == ours[6]
+        assert {**dict(theirs.properties.UserProperty), "content-type": "text/plain"} == ours[6]
         assert theirs.properties.SubscriptionIdentifier == ours[7]
 
 

@@ -6,8 +6,8 @@ state change, never for time to pass.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,9 +15,8 @@ import pytest
 from cascade_bus_nats import NatsTransport
 
 from cascade_bus import Bus
-from cascade_bus.testing.inbox import Inbox
 from cascade_bus.testing.waits import FAST_RECONNECT as SHARED_FAST_RECONNECT
-from cascade_bus.testing.waits import WAIT, wait_connected, wait_disconnected
+from cascade_bus.testing.waits import fault_kit
 
 #: The shared fast reconnect, and a short connect attempt (nats-py's own bound).
 FAST_RECONNECT: dict[str, Any] = {**SHARED_FAST_RECONNECT, "connect_attempt_timeout": 1.0}
@@ -30,17 +29,24 @@ def nats(bus: Bus) -> NatsTransport:
     return transport
 
 
+def wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Wait (bounded) until a process that got SIGSTOP shows as stopped in /proc."""
+    stat = Path(f"/proc/{pid}/stat")
+    if not stat.exists():
+        pytest.skip("needs /proc to see that the server stopped")
+    deadline = time.monotonic() + timeout
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"process {pid} did not stop within {timeout}s")
+        time.sleep(0.001)
+
+
 @pytest.fixture
 def kit() -> SimpleNamespace:
     """This module's helpers (tests run with --import-mode=importlib and cannot import it)."""
-    return SimpleNamespace(
-        FAST_RECONNECT=FAST_RECONNECT,
-        WAIT=WAIT,
-        Inbox=Inbox,
-        nats=nats,
-        wait_connected=wait_connected,
-        wait_disconnected=wait_disconnected,
-    )
+    kit = fault_kit(nats=nats, wait_stopped=wait_stopped)
+    kit.FAST_RECONNECT = FAST_RECONNECT
+    return kit
 
 
 @pytest.fixture(params=["fast", "public"])
@@ -49,12 +55,3 @@ def api(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "public":
         monkeypatch.setattr("cascade_bus_nats._transport.supported", lambda nc: False)
     return str(request.param)
-
-
-@pytest.fixture
-async def buses() -> AsyncIterator[list[Bus]]:
-    """A list to append opened buses to; all are closed after the test (bounded)."""
-    opened: list[Bus] = []
-    yield opened
-    async with asyncio.timeout(WAIT * 2):
-        await asyncio.gather(*(bus.close() for bus in reversed(opened)), return_exceptions=True)

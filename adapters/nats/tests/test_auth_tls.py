@@ -1,8 +1,9 @@
 """Authentication and TLS against private nats-servers with generated configs and certificates.
 
 User/password and token auth (right and wrong credentials, never shown in errors or reprs), TLS
-with a private CA (``tls://`` and ``ca_file``), mutual TLS (``certfile``/``keyfile``), and the
-refusals: a TLS client against a plain server, a plain client against a TLS server.
+with a private CA (``nats+tls://``, its older name ``tls://``, and ``ca_file``), mutual TLS
+(``certfile``/``keyfile``), and the refusals: a TLS client against a plain server, a plain client
+against a TLS server.
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ def tls_server(private_nats: Any, tmp_path: Path, certs: Path) -> Any:
 
 
 async def test_tls_with_a_private_ca(tls_server: Any, certs: Path, unique_topic: str) -> None:
-    url = tls_server.url.replace("nats://", "tls://")
+    url = tls_server.url.replace("nats://", "nats+tls://")
     await _round_trip(url, unique_topic, ca_file=str(certs / "ca.pem"))
     # ca_file alone turns TLS on for a nats:// URL too.
     await _round_trip(tls_server.url, f"{unique_topic}/2", ca_file=str(certs / "ca.pem"))
@@ -185,7 +186,7 @@ async def test_tls_without_the_ca_is_refused(tls_server: Any) -> None:
 
 
 async def test_tls_verify_off(tls_server: Any, unique_topic: str) -> None:
-    url = tls_server.url.replace("nats://", "tls://")
+    url = tls_server.url.replace("nats://", "tls://")  # the older name of nats+tls://
     await _round_trip(url, unique_topic, tls_verify=False)
 
 

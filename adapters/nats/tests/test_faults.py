@@ -12,8 +12,6 @@ import asyncio
 import os
 import shutil
 import signal
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -206,18 +204,6 @@ async def test_unique_consumer_per_subscription_removed_on_unsubscribe(
         await nc.close()
 
 
-def wait_stopped(pid: int, timeout: float = 5.0) -> None:
-    """Wait (bounded) until a process that got SIGSTOP shows as stopped in /proc."""
-    stat = Path(f"/proc/{pid}/stat")
-    if not stat.exists():
-        pytest.skip("needs /proc to see that the server stopped")
-    deadline = time.monotonic() + timeout
-    while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"process {pid} did not stop within {timeout}s")
-        time.sleep(0.001)
-
-
 async def test_flush_whose_ping_is_lost_waits_for_the_next_connection(
     private_nats, unique_topic, kit, buses, api
 ):
@@ -234,7 +220,7 @@ async def test_flush_whose_ping_is_lost_waits_for_the_next_connection(
     pid = broker.pid
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
-    await asyncio.to_thread(wait_stopped, pid)  # a PING sent now cannot be answered
+    await asyncio.to_thread(kit.wait_stopped, pid)  # a PING sent now cannot be answered
     flushing = asyncio.create_task(bus.flush(timeout=kit.WAIT))
     client = kit.nats(bus).client
     async with asyncio.timeout(kit.WAIT):

@@ -97,8 +97,9 @@ async def test_headers_travel_natively_both_ways(plain, nats_url, unique_topic, 
     msg = await _next(sub)
     assert json.loads(msg.data) == {"x": 1}
     assert msg.headers is not None
-    assert msg.headers["tenant"] == "acme"
+    assert msg.headers["ce-tenant"] == "acme"  # an extension attribute, as the binding says
     assert msg.headers["ce-type"] == "t.reading"
+    assert msg.headers["ce-datacontenttype"] == "application/json"
 
     inbox = kit.Inbox()
     await bus.subscribe(f"{unique_topic}/from-plain", inbox)

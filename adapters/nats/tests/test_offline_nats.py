@@ -108,21 +108,6 @@ async def test_full_offline_buffer_refuses_qos1_and_retained_and_counts_qos0(
     assert inbox.payloads == [0, 1, 2, "end"]
 
 
-def wait_stopped(pid: int, timeout: float = 5.0) -> None:
-    """Wait (bounded) until a process that got SIGSTOP shows as stopped in /proc."""
-    import time
-    from pathlib import Path
-
-    stat = Path(f"/proc/{pid}/stat")
-    if not stat.exists():
-        pytest.skip("needs /proc to see that the server stopped")
-    deadline = time.monotonic() + timeout
-    while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"process {pid} did not stop within {timeout}s")
-        time.sleep(0.001)
-
-
 async def test_qos1_waiting_for_its_ack_when_the_link_drops_returns_and_is_resent(
     private_nats, tcp_proxy, unique_topic, kit, buses, api
 ):
@@ -146,7 +131,7 @@ async def test_qos1_waiting_for_its_ack_when_the_link_drops_returns_and_is_resen
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
     try:
-        await asyncio.to_thread(wait_stopped, pid)
+        await asyncio.to_thread(kit.wait_stopped, pid)
         pending = asyncio.create_task(pub.publish(f"{unique_topic}/f", 1, qos=1))
         await asyncio.sleep(0)  # one loop turn: the task sends it, then waits for the ack
         assert kit.nats(pub)._inflight

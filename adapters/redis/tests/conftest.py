@@ -28,9 +28,11 @@ from cascade_bus.testing.brokers import (
     free_port,
     start_redis,
 )
-from cascade_bus.testing.inbox import Inbox
 from cascade_bus.testing.pytest_plugin import broker_unavailable
-from cascade_bus.testing.waits import FAST_RECONNECT, WAIT, wait_connected, wait_disconnected
+from cascade_bus.testing.waits import (
+    WAIT,
+    fault_kit,
+)
 
 
 def redis_transport(bus: Bus) -> RedisTransport:
@@ -42,14 +44,7 @@ def redis_transport(bus: Bus) -> RedisTransport:
 @pytest.fixture
 def kit() -> SimpleNamespace:
     """This module's helpers (tests run with --import-mode=importlib and cannot import it)."""
-    return SimpleNamespace(
-        FAST_RECONNECT=FAST_RECONNECT,
-        WAIT=WAIT,
-        Inbox=Inbox,
-        redis_transport=redis_transport,
-        wait_connected=wait_connected,
-        wait_disconnected=wait_disconnected,
-    )
+    return fault_kit(redis_transport=redis_transport)
 
 
 @pytest.fixture

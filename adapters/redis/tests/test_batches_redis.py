@@ -17,13 +17,14 @@ pytestmark = pytest.mark.redis
 def spy_batches(transport: Any) -> list[int]:
     """Record the number of messages of every publish script call the transport sends."""
     sizes: list[int] = []
-    build = transport._batch_command
+    publisher = transport._publisher
+    build = publisher._batch_command
 
     def recording(batch: Any) -> bytes:
         sizes.append(batch.n)
         return build(batch)
 
-    transport._batch_command = recording
+    publisher._batch_command = recording
     return sizes
 
 

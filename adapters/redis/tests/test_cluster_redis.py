@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import pytest
 from cascade_bus_redis import RedisTransport, hash_tag, shard_key
-from cascade_bus_redis._cluster import RedisClusterTransport, slot_tags
+from cascade_bus_redis._cluster import ClusterLinks, RedisClusterTransport, slot_tags
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
@@ -67,6 +67,13 @@ def cluster_of(bus: Any) -> RedisClusterTransport:
     transport = bus.transport
     assert isinstance(transport, RedisClusterTransport)
     return transport
+
+
+def links_of(bus: Any) -> ClusterLinks:
+    """The cluster transport's links part (its channels and per-master pub/sub links)."""
+    links = cluster_of(bus)._links
+    assert isinstance(links, ClusterLinks)
+    return links
 
 
 async def owner(client: RedisCluster, key: str) -> str:
@@ -131,6 +138,13 @@ def test_urls_and_options() -> None:
         connect("redis+cluster://a:7000?shard_levels=0")
     with pytest.raises(InvalidURL, match=r"redis\+cluster"):
         connect("redis://a:6379?shard_levels=2")
+    mapped = cluster_of(connect("redis+cluster://a:7000?address_map=10.0.0.1:7000%3D127.0.0.1:1"))
+    assert mapped._opts.address_map == {("10.0.0.1", 7000): ("127.0.0.1", 1)}
+    for bad in ("10.0.0.1:7000", "10.0.0.1:7000%3Dnoport", "x%3D127.0.0.1:1"):
+        with pytest.raises(InvalidURL, match="address_map"):
+            connect(f"redis+cluster://a:7000?address_map={bad}")
+    with pytest.raises(InvalidURL, match="address_map"):
+        connect("redis://a:6379?address_map=a:1%3Db:2")  # redis+cluster:// only
     with pytest.raises(InvalidURL, match=r"redis\+cluster://"):
         connect("redis://a:6379,b:6379")
     # The standalone transport still takes braces in its prefix (no hash tags there).
@@ -299,8 +313,7 @@ async def test_broad_pattern_spans_every_master(redis_cluster, open_bus, cluster
     assert sorted(p["live"] for p in live) == sorted(firsts), live
 
     # The lease sits in every slot's broad hash (sampled on every master) until unsubscribe().
-    transport = cluster_of(subscriber)
-    (channel,) = transport._classic.values()
+    (channel,) = links_of(subscriber)._classic.values()
     samples = [f"{P}{{{slot_tags()[slot].decode()}}}broad" for slot in (0, 6000, 16383, 9000)]
     assert {cluster_client.get_node_from_key(key).name for key in samples} == {
         n.name for n in cluster_client.get_primaries()
@@ -488,7 +501,7 @@ async def test_cut_links_reconnect_resubscribe_and_resync(redis_cluster, open_bu
     assert exact.payloads == narrow.payloads == broad.payloads == [{"v": 1}]
 
     def cut(bus: Any) -> None:
-        for link in cluster_of(bus)._links.values():
+        for link in links_of(bus)._masters.values():
             assert link.conn is not None
             link.conn.abort()
 

@@ -37,7 +37,7 @@ async def test_a_burst_is_shared_by_slow_members(redis_url, open_bus, prefix, ki
     publisher = await open_bus(redis_url)
     for n in range(BURST):  # QoS 0 publishes return at once: one batch, one script call
         await publisher.publish(f"{prefix}/jobs", n)
-    assert len(kit.redis_transport(publisher)._parts) == BURST
+    assert len(kit.redis_transport(publisher)._publisher._parts) == BURST
     async with asyncio.timeout(kit.WAIT):
         await everything.wait()
     assert sorted(got[0] + got[1]) == list(range(BURST))

@@ -55,7 +55,7 @@ async def test_stream_routes_follow_the_wildcard_matrix(redis_url, open_bus, pre
     if batched:
         for name in WILDCARD_TOPICS:  # QoS 0: each returns without yielding to the loop
             await publisher.publish(f"{prefix}/{name}", {"t": name})
-        assert len(kit.redis_transport(publisher)._parts) == len(WILDCARD_TOPICS)
+        assert len(kit.redis_transport(publisher)._publisher._parts) == len(WILDCARD_TOPICS)
     else:
         for name in WILDCARD_TOPICS:  # QoS 1: each waits for its own script call
             await publisher.publish(f"{prefix}/{name}", {"t": name}, qos=1)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from cascade_bus._install import install_command
+
 __all__ = ["EXTRA_HINT", "main"]
 
-#: The one line printed when click or rich is missing.
-EXTRA_HINT = "the cascade-bus command needs its extra: pip install 'cascade-bus[cli]'"
+#: The one line printed when click or rich is missing (the command that works here).
+EXTRA_HINT = f"the cascade-bus command needs its extra: {install_command('cascade-bus[cli]')}"
 
 _EXTRA_MODULES = ("click", "rich")
 

@@ -1,7 +1,8 @@
 """The ``cascade-bus`` group: the commands, and failures turned into one line and a status.
 
-The commands live in one module per group: messages (``pub``, ``sub``, ``request``), broker
-(``bench``, ``doctor``, ``transports``) and Cascade (``watch``, ``demo``).
+The commands live in one module per group: messages (``pub``, ``sub``, ``request``), the
+responder (``reply``), broker (``bench``, ``doctor``, ``transports``) and Cascade (``watch``,
+``demo``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import cascade_bus
 from ._cmd_broker import bench, doctor, transports
 from ._cmd_cascade import demo, watch
 from ._cmd_messages import pub, request, sub
+from ._cmd_reply import reply
 from ._output import PROG
 from ._runtime import guarded
 
@@ -71,5 +73,5 @@ def cli() -> None:
     """  # noqa: D301 - click's \b marks a paragraph it must not rewrap
 
 
-for _command in (pub, sub, request, watch, bench, doctor, transports, demo):
+for _command in (pub, sub, request, reply, watch, bench, doctor, transports, demo):
     cli.add_command(_command)

@@ -9,6 +9,8 @@ import asyncio
 
 import click
 
+from cascade_bus._install import install_command
+
 from . import _bench, _doctor
 from ._output import FAILED, CliError, json_line, make_console, print_full
 from ._runtime import parse_url
@@ -153,5 +155,5 @@ def transports(as_json: bool) -> int:
     print_full(console, table)
     for package, schemes in sorted(missing.items()):
         listed = ", ".join(f"{s}://" for s in schemes)
-        console.print(f"not installed: {listed} (pip install {package})")
+        console.print(f"not installed: {listed} ({install_command(package)})")
     return 0

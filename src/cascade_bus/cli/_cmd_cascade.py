@@ -55,7 +55,8 @@ def watch(
 
     Telemetry on cascade/telemetry/<run>/<task>/<attempt>/events becomes one row per run
     (status, tasks by state, events, rate, pause) and one per task (latest attempt and
-    state); retained pauses on cascade/constraints/<run> are shown with their reason. Any
+    state); retained pauses on cascade/constraints/<run> are shown with their reason, and
+    engines announcing themselves on cascade/status/<id> as online or offline. Any
     other message goes to a log. On a pipe, or with --once, there is no live display: other
     messages are printed as they arrive and the tables at the end (also after Ctrl-C).
 

@@ -17,6 +17,7 @@ from cascade_bus import validate_pattern, validate_topic
 
 from ._output import (
     FAILED,
+    RETAINED_MARK,
     CliError,
     echo_error,
     envelope_record,
@@ -180,7 +181,8 @@ def sub(
 ) -> int:
     """Print the messages matching PATTERN, one line each: `topic payload`.
 
-    Retained messages come first. Runs until Ctrl-C, --count or --timeout.
+    Retained messages come first, marked `topic [retained] payload` (--json: "retained": true);
+    text is printed as text, binary as hex. Runs until Ctrl-C, --count or --timeout.
 
     \b
     cascade-bus sub mqtt://127.0.0.1 'sensors/+/temperature'
@@ -208,7 +210,8 @@ def sub(
                 except TimeoutError:
                     break
                 text = json_line(envelope_record(env)) if as_json else None
-                click.echo(text or f"{env.topic} {render_payload(env.payload)}")
+                mark = RETAINED_MARK if env.retained else " "
+                click.echo(text or f"{env.topic}{mark}{render_payload(env.payload)}")
                 received += 1
         if count is not None and received < count:  # only a --timeout ends the loop early
             within = f" within {timeout:g}s" if timeout is not None else ""

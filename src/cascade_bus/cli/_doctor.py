@@ -23,13 +23,13 @@ from cascade_bus import (
     BusError,
     BusURL,
     Capabilities,
-    ConnectError,
     Envelope,
     InvalidURL,
     UnknownScheme,
     available_transports,
     get_transport,
 )
+from cascade_bus._install import install_command
 from cascade_bus._registry import KNOWN_PACKAGES
 
 from ._hints import connect_hint
@@ -87,12 +87,13 @@ def _scheme_hint(exc: UnknownScheme, url: BusURL) -> str:
     usable = available_transports()
     suggestion = exc.suggestion
     if exc.scheme in KNOWN_PACKAGES:  # a first-party scheme whose adapter is missing
-        return f"install its adapter: pip install {KNOWN_PACKAGES[exc.scheme]}"
+        return f"install its adapter: {install_command(KNOWN_PACKAGES[exc.scheme])}"
     if suggestion is not None and suggestion in usable:
         return f"use {suggestion + url.redacted()[len(url.scheme) :]}"
     if suggestion is not None:
-        package = KNOWN_PACKAGES.get(suggestion, "its adapter")
-        return f"for {suggestion}://, pip install {package}"
+        package = KNOWN_PACKAGES.get(suggestion)
+        how = install_command(package) if package else "install its adapter"
+        return f"for {suggestion}://, {how}"
     return "`cascade-bus transports` lists the installed schemes"
 
 
@@ -222,11 +223,9 @@ async def diagnose(url_text: str, *, timeout: float) -> Report:
     start = time.perf_counter()
     try:
         await bus.open()
-    except ConnectError as exc:
-        report.add("connect", FAILED, str(exc), connect_hint(url, str(exc)))
-        return report
-    except BusError as exc:
-        report.add("connect", FAILED, str(exc), connect_hint(url, str(exc)))
+    except BusError as exc:  # ConnectError mostly; the hint probes the network: a thread
+        hint = await asyncio.to_thread(connect_hint, url, str(exc))
+        report.add("connect", FAILED, str(exc), hint)
         return report
     try:
         report.add("connect", OK, f"connected to {url.endpoint()} in {_elapsed_ms(start)}")

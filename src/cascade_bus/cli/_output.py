@@ -24,6 +24,7 @@ __all__ = [
     "FAILED",
     "INTERRUPTED",
     "PROG",
+    "RETAINED_MARK",
     "CliError",
     "echo_error",
     "envelope_record",
@@ -46,6 +47,8 @@ FAILED = 1
 BAD_INPUT = 2
 INTERRUPTED = 130
 
+#: Between topic and payload in a ``sub``/``watch`` line: a retained replay, not a live message.
+RETAINED_MARK = " [retained] "
 _MASK = "[secure]"
 #: Widest table printed to a pipe or file.
 _MAX_PLAIN_WIDTH = 400
@@ -189,11 +192,10 @@ def render_payload(payload: Any) -> str:
     if isinstance(payload, bytes):
         if not payload:
             return "(empty)"
-        try:
-            text = payload.decode()
-        except UnicodeDecodeError:
-            return repr(payload)
-        return text if text.isprintable() else repr(payload)
+        text = _as_text(payload)
+        if text is None:  # binary: hex, so a line is never a Python literal like b'...'
+            return f"({len(payload)} bytes) {payload.hex(' ')}"
+        return text.replace("\r", "\\r").replace("\n", "\\n")
     try:
         return msgspec.json.encode(payload).decode()
     except (TypeError, ValueError):
@@ -217,12 +219,29 @@ def envelope_record(env: Envelope[Any]) -> dict[str, Any]:
         "headers": dict(env.headers),
         "correlation_id": env.correlation_id,
         "reply_to": env.reply_to,
+        "retained": env.retained,
     }
-    if isinstance(env.payload, bytes):
-        record["payload_base64"] = base64.b64encode(env.payload).decode()
+    payload = env.payload
+    if isinstance(payload, bytes):
+        text = _as_text(payload)
+        if text is None:
+            record["payload_base64"] = base64.b64encode(payload).decode()
+        else:  # a plain client's text: readable as text, not base64
+            record["payload_text"] = text
     else:
-        record["payload"] = env.payload
+        record["payload"] = payload
     return record
+
+
+def _as_text(data: bytes) -> str | None:
+    """The bytes as text when they are printable UTF-8 (tabs and newlines allowed), else None."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        return None
+    return (
+        text if text.replace("\n", "").replace("\t", "").replace("\r", "").isprintable() else None
+    )
 
 
 def json_line(record: Mapping[str, Any]) -> str:

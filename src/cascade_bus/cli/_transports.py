@@ -42,10 +42,14 @@ def installed_transports() -> list[TransportInfo]:
 
 
 def missing_packages() -> dict[str, list[str]]:
-    """First-party transport packages that are not installed, with the schemes they provide."""
-    installed = {info.package.lower().replace("_", "-") for info in installed_transports()}
+    """First-party transport packages that are not installed, with the schemes they provide.
+
+    A scheme listed as usable is never missing (``redis+cluster://`` comes with
+    ``cascade-bus-redis``; its ``[cluster]`` extra is checked when it is used).
+    """
+    usable = {info.scheme for info in installed_transports()}
     missing: dict[str, list[str]] = {}
     for scheme, package in KNOWN_PACKAGES.items():
-        if package not in installed:
+        if scheme not in usable:
             missing.setdefault(package, []).append(scheme)
     return missing

@@ -24,7 +24,8 @@ from rich.text import Text
 
 from cascade_bus import BusURL, Envelope
 
-from ._output import echo_error, print_full, render_payload
+from ._engines import Engines
+from ._output import RETAINED_MARK, echo_error, print_full, render_payload
 from ._runtime import open_bus
 
 __all__ = ["WatchView", "watch"]
@@ -128,6 +129,7 @@ class WatchView:
         self.log: deque[str] = deque(maxlen=log_size)
         self.logged = 0
         self._tasks_seen = 0
+        self.engines = Engines(clock)
 
     # -- folding messages ------------------------------------------------------------------------
 
@@ -138,6 +140,8 @@ class WatchView:
         self.arrivals.append(now)
         levels = env.topic.split("/")
         payload = env.payload
+        if self.engines.add(levels, payload, env.retained):
+            return None
         if len(levels) == 6 and levels[:2] == ["cascade", "telemetry"] and levels[5] == "events":
             if isinstance(payload, dict):
                 self._telemetry(levels[2], levels[3], levels[4], payload, now)
@@ -147,9 +151,11 @@ class WatchView:
             and levels[:2] == ["cascade", "constraints"]
             and (isinstance(payload, dict) or payload in (b"", None, ""))
         ):
-            self._constraint(levels[2], payload if isinstance(payload, dict) else {}, now)
+            self._constraint(
+                levels[2], payload if isinstance(payload, dict) else {}, now, env.retained
+            )
             return None
-        line = f"{env.topic} {render_payload(payload)}"
+        line = f"{env.topic}{RETAINED_MARK if env.retained else ' '}{render_payload(payload)}"
         self.log.append(line)
         self.logged += 1
         return line
@@ -181,10 +187,14 @@ class WatchView:
         if state == "failed":
             row.failed += 1
 
-    def _constraint(self, run: str, payload: dict[str, Any], now: float) -> None:
+    def _constraint(
+        self, run: str, payload: dict[str, Any], now: float, retained: bool = False
+    ) -> None:
         row = self._run(run, now)
         if payload.get("paused"):
+            # A retained pause may be older than this watch: say so (a stale one is a phantom).
             row.paused = str(payload.get("reason") or "no reason given")
+            row.paused += " (retained)" if retained else ""
             row.resumed = False
         elif row.paused is not None:
             row.paused = None
@@ -286,7 +296,7 @@ class WatchView:
         self, *, task_limit: int | None = None, with_log: bool = True
     ) -> list[RenderableType]:
         """The pieces of `render`, to print one by one."""
-        parts: list[RenderableType] = [self.header()]
+        parts: list[RenderableType] = [self.header(), *self.engines.parts()]
         if self.runs:
             parts.append(self.runs_table())
             if any(run.tasks for run in self.runs.values()):
@@ -333,7 +343,8 @@ async def watch(
     def done() -> bool:
         return count is not None and view.messages >= count
 
-    async with open_bus(url) as bus, bus.subscribe(pattern) as sub:
+    # presence_sweep: with NATS or Redis, engines that crashed while none ran turn offline.
+    async with open_bus(url, presence_sweep=True) as bus, bus.subscribe(pattern) as sub:
         if snapshot:
             while sub.pending and not done():
                 line = view.add(await sub.get(timeout=5.0))

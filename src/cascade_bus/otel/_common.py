@@ -46,9 +46,15 @@ ERROR_TYPE = "error.type"
 _SERVER_ADDRESS = "server.address"
 _SERVER_PORT = "server.port"
 
-# TLS variants of a scheme report the system itself (NATS's TLS scheme is ``tls://``).
+# TLS and websocket variants of a scheme report the system itself (``tls://`` and ``ws://``,
+# ``wss://`` are the older names of ``nats+tls://``, ``mqtt+ws://`` and ``mqtt+wss://``).
 _SYSTEM_OF_SCHEME = {
     "mqtts": "mqtt",
+    "mqtt+ws": "mqtt",
+    "mqtt+wss": "mqtt",
+    "ws": "mqtt",
+    "wss": "mqtt",
+    "nats+tls": "nats",
     "rediss": "redis",
     "redis+cluster": "redis",
     "rediss+cluster": "redis",

@@ -30,7 +30,8 @@ class SuiteBase:
         unique: A fresh hex id for the test; retained messages under ``conf/<unique>`` and
             ``cascade/constraints/conf-<unique>`` are cleared after the test.
         topic: ``conf/<unique>``, the test's private topic prefix.
-        make_connector: Builds Cascade `Connector` objects, disconnected after the test.
+        make_connector: Builds Cascade `Connector` objects, disconnected after the test
+            (``presence=False`` unless given).
     """
 
     pytestmark: ClassVar[list[pytest.MarkDecorator]] = [pytest.mark.asyncio]
@@ -102,6 +103,9 @@ class SuiteBase:
         made: list[Connector] = []
 
         def factory(url: str | None = None, /, **options: Any) -> Connector:
+            # No presence unless a case asks: it would leave a retained status per connector
+            # on cascade/status/ of a shared broker (the presence cases pass their own topic).
+            options.setdefault("presence", False)
             connector = Connector(url or transport_url, **options)
             made.append(connector)
             return connector

@@ -34,8 +34,12 @@ __all__ = [
 DEFAULT_PORTS: dict[str, int] = {
     "mqtt": 1883,
     "mqtts": 8883,
+    "mqtt+ws": 80,
+    "mqtt+wss": 443,
     "ws": 80,
+    "wss": 443,
     "nats": 4222,
+    "nats+tls": 4222,
     "tls": 4222,
     "redis": 6379,
     "rediss": 6379,

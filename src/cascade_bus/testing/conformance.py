@@ -11,6 +11,7 @@ from ._cases_cascade import CascadeCases
 from ._cases_delivery import DeliveryCases
 from ._cases_lifecycle import LifecycleCases
 from ._cases_messaging import MessagingCases
+from ._cases_presence import PresenceCases
 from ._cases_queues_requests import QueueRequestCases
 from ._cases_retained import RetainedCases
 from ._helpers import (
@@ -59,6 +60,7 @@ __all__ = [
 # pytest collects the cases of the last base first: listed in reverse, so they run from round
 # trips to the Cascade scenarios, as they read.
 class ConformanceSuite(
+    PresenceCases,
     CascadeCases,
     LifecycleCases,
     QueueRequestCases,

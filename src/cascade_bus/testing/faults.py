@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ._cases_hostile import HostileCases
 from ._cases_outage import OutageCases
+from ._cases_presence_outage import PresenceOutageCases
 from ._fault_base import (
     DEFAULT_PORTS,
     JUNK_ENVELOPE,
@@ -36,7 +37,7 @@ __all__ = [
 
 
 # pytest collects the last base's cases first: outages first, then the rest.
-class FaultSuite(HostileCases, OutageCases):
+class FaultSuite(PresenceOutageCases, HostileCases, OutageCases):
     """Outage and hostile-input cases; subclass it as ``TestSomethingFaults`` with the URL.
 
     Class attributes to tune: ``reconnect_options`` (passed to every bus behind the proxy),

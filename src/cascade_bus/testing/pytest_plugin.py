@@ -16,6 +16,7 @@ test); ``tcp_proxy`` creates ``TcpProxy`` instances (closed after the test).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,9 +36,12 @@ from cascade_bus.testing.brokers import (
     start_nats,
     start_redis,
 )
+from cascade_bus.testing.waits import WAIT
 
 if TYPE_CHECKING:
     from pytest_asyncio import fixture as _async_fixture
+
+    from cascade_bus import Bus
 else:
     try:
         from pytest_asyncio import fixture as _async_fixture
@@ -49,6 +53,7 @@ __all__ = [
     "ProxyFactory",
     "broker_unavailable",
     "brokers_required",
+    "buses",
     "mqtt_url",
     "nats_url",
     "private_mosquitto",
@@ -225,6 +230,17 @@ async def tcp_proxy() -> AsyncIterator[ProxyFactory]:
     finally:
         for proxy in reversed(proxies):
             await proxy.aclose()
+
+
+@_async_fixture
+async def buses() -> AsyncIterator[list[Bus]]:
+    """A list to append opened buses to; all are closed after the test (bounded, in reverse)."""
+    opened: list[Bus] = []
+    try:
+        yield opened
+    finally:
+        async with asyncio.timeout(2 * WAIT):
+            await asyncio.gather(*(bus.close() for bus in reversed(opened)), return_exceptions=True)
 
 
 @pytest.fixture

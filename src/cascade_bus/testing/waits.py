@@ -7,12 +7,21 @@ names every transport shares), a default bound, and waits on `NetworkTransport` 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 from .. import Bus
 from .._transport import NetworkTransport
+from .inbox import Inbox
 
-__all__ = ["FAST_RECONNECT", "WAIT", "network_transport", "wait_connected", "wait_disconnected"]
+__all__ = [
+    "FAST_RECONNECT",
+    "WAIT",
+    "fault_kit",
+    "network_transport",
+    "wait_connected",
+    "wait_disconnected",
+]
 
 #: Small reconnect backoff so that fault tests recover in tens of milliseconds.
 FAST_RECONNECT: dict[str, Any] = {"reconnect_min": 0.02, "reconnect_max": 0.2}
@@ -37,3 +46,19 @@ async def wait_disconnected(bus: Bus, timeout: float = WAIT) -> None:
     """Wait (bounded) until the bus noticed that its connection is gone."""
     async with asyncio.timeout(timeout):
         await network_transport(bus).wait_disconnected()
+
+
+def fault_kit(**extra: Any) -> SimpleNamespace:
+    """These helpers and `Inbox` in one namespace, plus an adapter's own ``extra`` ones.
+
+    For an adapter's ``kit`` fixture: its tests run with ``--import-mode=importlib`` and cannot
+    import their conftest, so the conftest hands its helpers over as a fixture.
+    """
+    return SimpleNamespace(
+        FAST_RECONNECT=FAST_RECONNECT,
+        WAIT=WAIT,
+        Inbox=Inbox,
+        wait_connected=wait_connected,
+        wait_disconnected=wait_disconnected,
+        **extra,
+    )

@@ -97,6 +97,7 @@ def install(
     # reused by the next connection. Register only while the socket is still paho's.
     def writable() -> None:
         wire.armed = True
+        wire.wrote = True
         try:
             if len(paho._out_packet) > 1:
                 _coalesce(paho._out_packet)

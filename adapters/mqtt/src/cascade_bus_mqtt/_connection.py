@@ -46,7 +46,7 @@ class Connection:
         t = self.transport
         t._router.reset()  # a new socket starts reading
         client = new_client(t._opts, t.presence_payload(False))
-        wire = _Wire(t._router, t._inflight, client, t._v5)
+        wire = _Wire(t._router, t._inflight, client, t._v5, t._opts.tcp_quickack)
         install(client, wire, t._router.on_message, t._written)
         with client_errors(t.url.endpoint()):
             await client.__aenter__()

@@ -14,6 +14,8 @@ from cascade_bus.spi import BusURL, NetworkOptions, parse_bool, parse_int
 __all__ = ["MqttOptions"]
 
 _VERSIONS = {"5": 5, "5.0": 5, "3.1.1": 4, "311": 4, "3": 4, "4": 4}
+# The older, generic names of the websocket schemes.
+_ALIASES = {"ws": "mqtt+ws", "wss": "mqtt+wss"}
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -39,7 +41,9 @@ class MqttOptions:
     offline_buffer: int
     max_inflight: int
     tcp_nodelay: bool
-    transport: Literal["tcp", "websockets"]  # websockets for ws:// and wss://
+    # Re-arm TCP_QUICKACK after reads (Linux): no 40 ms stall behind a broker's Nagle.
+    tcp_quickack: bool
+    transport: Literal["tcp", "websockets"]  # websockets for mqtt+ws:// and mqtt+wss://
     ws_path: str
     presence_topic: str | None
     # Persistent sessions: received messages held for a subscribe() not made yet (0: none).
@@ -68,7 +72,7 @@ class MqttOptions:
             "client_id", "version", "keepalive", "clean_start", "ca_file", "certfile",
             "keyfile", "tls_verify", "will_topic", "will_payload", "will_qos", "will_retain",
             "reconnect", "reconnect_min", "reconnect_max", "offline_buffer", "max_inflight",
-            "tcp_nodelay", "username", "password", "presence_topic", "ws_path",
+            "tcp_nodelay", "tcp_quickack", "username", "password", "presence_topic", "ws_path",
             "unclaimed_buffer", "receive_maximum",
         }  # fmt: skip
         unknown = sorted(set(opts) - known)
@@ -78,9 +82,18 @@ class MqttOptions:
             )
         if len(url.hosts) > 1:
             raise InvalidURL("mqtt:// takes one broker host (MQTT has no client-side clusters)")
-        tls_wanted = url.scheme in ("mqtts", "wss")
-        websockets = url.scheme in ("ws", "wss")
-        default_port = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}.get(url.scheme, 1883)
+        if not url.host:
+            raise InvalidURL(
+                f"{url.scheme}:// needs the broker's host, e.g. {url.scheme}://127.0.0.1:1883"
+            )
+        if url.path not in ("", "/") and url.scheme in ("mqtt", "mqtts"):
+            raise InvalidURL(
+                f"{url.scheme}:// URLs have no path (got {url.path!r}); options go in the query"
+            )
+        scheme = _ALIASES.get(url.scheme, url.scheme)
+        tls_wanted = scheme in ("mqtts", "mqtt+wss")
+        websockets = scheme in ("mqtt+ws", "mqtt+wss")
+        default_port = {"mqtts": 8883, "mqtt+ws": 80, "mqtt+wss": 443}.get(scheme, 1883)
         version_text = str(opts.get("version", "5"))
         if version_text not in _VERSIONS:
             raise InvalidURL(f"version={version_text!r}: use 5 or 3.1.1")
@@ -137,8 +150,10 @@ class MqttOptions:
             offline_buffer=net.offline_buffer,
             max_inflight=parse_int("max_inflight", opts.get("max_inflight", 20)),
             tcp_nodelay=parse_bool("tcp_nodelay", opts.get("tcp_nodelay", True)),
+            tcp_quickack=parse_bool("tcp_quickack", opts.get("tcp_quickack", True)),
             transport="websockets" if websockets else "tcp",
-            ws_path=str(opts.get("ws_path", "/mqtt")),
+            # ws://host:port/path: the path is the WebSocket endpoint (as ws_path= says).
+            ws_path=str(opts.get("ws_path", url.path if url.path not in ("", "/") else "/mqtt")),
             presence_topic=None if presence_topic is None else str(presence_topic),
             unclaimed_buffer=unclaimed,
             receive_maximum=receive_maximum,

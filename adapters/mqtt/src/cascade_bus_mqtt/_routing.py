@@ -14,8 +14,17 @@ from typing import TYPE_CHECKING
 
 import paho.mqtt.client as paho_mqtt
 
-from cascade_bus.spi import DropReason, Message, MessageSink, StatsRecorder, TaskSet, topic_matches
+from cascade_bus.spi import (
+    DropReason,
+    Message,
+    MessageSink,
+    StatsRecorder,
+    TaskSet,
+    Waiters,
+    topic_matches,
+)
 
+from ._cloudevents import STRUCTURED_PREFIX, from_user_properties
 from ._inflight import InflightWindow
 from ._packets import RESERVED_PREFIX, RETAIN_PROPERTY
 from ._wire import _Ack, _Wire
@@ -67,7 +76,7 @@ class Router:
         persistent: bool,
     ) -> None:
         self.barrier_topic = barrier_topic
-        self.barriers: dict[bytes, asyncio.Future[None]] = {}
+        self.barriers = Waiters()  # our barrier tokens, by token
         self.window = window
         self.stats = stats
         self.tasks = tasks
@@ -104,6 +113,9 @@ class Router:
                 user = getattr(props, "UserProperty", None)
                 if user:
                     headers = dict(user)
+                content_type = getattr(props, "ContentType", None)
+                if content_type and not content_type.startswith(STRUCTURED_PREFIX):
+                    headers = {**(headers or {}), "content-type": content_type}
                 ids = getattr(props, "SubscriptionIdentifier", None)
         self.received(
             wire,
@@ -134,9 +146,7 @@ class Router:
             if qos:
                 wire.ack(mid, qos)
             if topic == self.barrier_topic:
-                fut = self.barriers.pop(payload, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
+                self.barriers.arrived(payload)
             return
         if dup:
             self.stats.duplicates += 1  # a redelivery: the broker never saw our PUBACK
@@ -149,6 +159,8 @@ class Router:
             retain = not retained
             if not headers:
                 headers = None
+        if headers is not None and "specversion" in headers:  # a binary-mode CloudEvent
+            headers = from_user_properties(headers)
         message = Message(
             topic, payload, headers, retained=retained, retain=retain, qos=qos, ack=ack
         )
@@ -264,6 +276,4 @@ class Router:
 
     def fail_barriers(self, error: BaseException) -> None:
         """The transport closed: nobody waits for a barrier any more."""
-        for fut in self.barriers.values():
-            if not fut.done():
-                fut.set_exception(error)
+        self.barriers.fail_all(error)

@@ -86,9 +86,8 @@ class Subscriptions:
         if wire is None or not wire.alive:
             raise ConnectionLost(f"lost {transport.url.endpoint()} before a barrier")
         token = str(next(self.barrier_ids)).encode()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         barriers = self.router.barriers
-        barriers[token] = fut
+        fut = barriers.add(token)
         try:
             topic = self.router.barrier_topic
             no_props = transport._no_props
@@ -100,7 +99,7 @@ class Subscriptions:
                 wire.write(_publish_packet(head, token, 0, False, no_props, 0), False)
             await transport._conn.until_lost(fut, "waiting for a barrier")
         finally:
-            barriers.pop(token, None)
+            barriers.discard(token)
 
     async def subscribe(
         self, pattern: str, sink: MessageSink, qos: int, queue: str | None

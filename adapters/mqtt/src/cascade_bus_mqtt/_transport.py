@@ -2,13 +2,14 @@
 
 `MqttTransport` composes the parts (`_client`, `_wire`, `_inflight`, `_routing`,
 `_subscribe`, `_session`) with the adapter kit (`Supervisor`, `OfflineBuffer`, `TaskSet`) and
-holds the send hot path (`publish_nowait`). Reliability (reconnect, resubscribe, resync,
+holds the send hot path (`send`). Reliability (reconnect, resubscribe, resync,
 offline buffer, presence) is described in docs/transports/mqtt.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Awaitable, Mapping
@@ -22,6 +23,7 @@ from cascade_bus import (
     BusClosed,
     ConnectError,
     ConnectionLost,
+    InvalidURL,
     PayloadTooLarge,
     PublishError,
     SubscribeError,
@@ -68,6 +70,7 @@ _V5_CAPS = Capabilities(
     queue_groups=True,
     request_reply=True,
     will=True,
+    presence=True,
     persistence=False,
     ordering=True,
     max_payload=_MAX_PAYLOAD,
@@ -83,9 +86,9 @@ class MqttTransport(NetworkTransport):
     ``tls_verify`` (mqtts), ``will_topic``/``will_payload``/``will_qos``/``will_retain``,
     ``reconnect`` (true), ``reconnect_min``/``reconnect_max`` (backoff bounds, s),
     ``offline_buffer`` (10,000 messages), ``max_inflight`` (20), ``tcp_nodelay`` (true),
-    ``presence_topic`` (none), ``unclaimed_buffer`` (1,024 messages; persistent sessions),
-    ``receive_maximum`` (MQTT 5; 0 = not sent, the default for clean sessions; persistent
-    sessions send ``unclaimed_buffer``).
+    ``tcp_quickack`` (true), ``presence_topic`` (none), ``unclaimed_buffer`` (1,024 messages;
+    persistent sessions), ``receive_maximum`` (MQTT 5; 0 = not sent, the default for clean
+    sessions; persistent sessions send ``unclaimed_buffer``).
 
     Presence: with ``presence_topic="devices/pump-1/status"`` the transport keeps a retained
     JSON status on that topic, ``{"online": true, "client_id": "<client_id>"}`` after every
@@ -107,6 +110,7 @@ class MqttTransport(NetworkTransport):
     def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
         super().__init__(url, options)
         o = self._opts = MqttOptions.parse(url, self.options)
+        self._presence_bodies: tuple[bytes, bytes] | None = None  # set_presence (bus option)
         self._v5 = o.version == 5
         if not self._v5:
             self.capabilities = _V311_CAPS
@@ -135,8 +139,28 @@ class MqttTransport(NetworkTransport):
         self._supervisor_task: asyncio.Task[None] | None = None
 
     def presence_payload(self, online: bool) -> bytes:
-        """The retained body on ``presence_topic``: ``{"online": <bool>, "client_id": <id>}``."""
+        """The retained body on ``presence_topic``: ``{"online": <bool>, "client_id": <id>}``.
+
+        With the bus's ``presence`` option (`set_presence`), the bodies the bus asked for.
+        """
+        if self._presence_bodies is not None:
+            return self._presence_bodies[0 if online else 1]
         return msgspec.json.encode({"online": online, "client_id": self._opts.client_id})
+
+    def set_presence(self, topic: str, online: bytes, offline: bytes) -> None:
+        """The bus's ``presence`` option, natively: ``presence_topic`` with the bus's bodies.
+
+        Raises:
+            InvalidURL: combined with ``will_topic`` or another ``presence_topic``.
+        """
+        o = self._opts
+        if o.will_topic or (o.presence_topic and o.presence_topic != topic):
+            raise InvalidURL(
+                "presence sets the last will itself; do not combine it with "
+                f"{'will_topic' if o.will_topic else 'presence_topic'}"
+            )
+        self._opts = dataclasses.replace(o, presence_topic=topic)
+        self._presence_bodies = (online, offline)
 
     @property
     def buffered(self) -> int:
@@ -222,34 +246,16 @@ class MqttTransport(NetworkTransport):
         """The encoded PUBLISH property block (MQTT 5; see `encode_props`), empty with 3.1.1."""
         return encode_props(headers, retain) if self._v5 else b""
 
-    async def publish(
-        self,
-        topic: str,
-        data: bytes,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """Publish; QoS>=1 returns once PUBACK/PUBCOMP arrived or the message is buffered.
-
-        Raises:
-            PublishError: the broker refused it, or the offline buffer is full.
-            PayloadTooLarge: larger than MQTT allows.
-        """
-        pending = self.publish_nowait(topic, data, qos, retain, headers)
-        if pending is not None:
-            await pending
-
-    def publish_nowait(
+    def send(
         self,
         topic: str,
         data: bytes,
         qos: int,
         retain: bool,
         headers: Mapping[str, str] | None,
+        reply_to: str | None = None,
     ) -> Awaitable[None] | None:
-        """`publish` without a coroutine (the bus's fast path).
+        """The hot path: one PUBLISH packet written, queued or buffered (``reply_to`` unused).
 
         Returns the future of a QoS>=1 publish (done on PUBACK/PUBCOMP, or once buffered when
         the connection drops), an awaitable while paho's queue is over its high-water mark

@@ -1,4 +1,4 @@
-"""cascade-bus-nats: the NATS transport (``nats://``, ``tls://``) for cascade-bus, on nats-py."""
+"""cascade-bus-nats: the NATS transport (``nats://``, ``nats+tls://``) for cascade-bus (nats-py)."""
 
 from ._mapper import NatsTopicMapper
 from ._options import NatsOptions

@@ -195,7 +195,8 @@ class Connection:
             return
         t._dead = True
         t._set_connected(False)
-        log.error("the connection to %s is closed for good", t.url.endpoint())
+        if t._nc is not None:  # None: connect() failed, and raises ConnectError saying why
+            log.error("the connection to %s is closed for good", t.url.endpoint())
         t._outbox.fail_waiting(ConnectionLost(f"lost the connection to {t.url.endpoint()}"))
 
     def start_recovery(self) -> None:

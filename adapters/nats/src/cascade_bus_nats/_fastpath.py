@@ -28,6 +28,7 @@ import inspect
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
@@ -229,6 +230,11 @@ class TooLarge(ValueError):
 
 
 def _header_block(headers: Mapping[str, str], checked: set[str]) -> bytes:
+    constant = type(headers) is MappingProxyType
+    if constant:
+        hit = _BLOCKS.get(id(headers))
+        if hit is not None and hit[0] is headers:
+            return hit[1]
     parts = ["NATS/1.0\r\n"]
     for key, value in headers.items():
         if key not in checked:  # names repeat: check each once (no CR/LF injection)
@@ -239,7 +245,17 @@ def _header_block(headers: Mapping[str, str], checked: set[str]) -> bytes:
             value = value.translate(_NEWLINES)
         parts.append(f"{key}: {value}\r\n")  # receivers trim values
     parts.append("\r\n")
-    return "".join(parts).encode()
+    block = "".join(parts).encode()
+    if constant:
+        if len(_BLOCKS) >= 64:
+            _BLOCKS.clear()
+        _BLOCKS[id(headers)] = (headers, block)
+    return block
+
+
+# Blocks of read-only header mappings passed again and again (the bus's constant ones: a
+# structured body's content-type, raw format's attributes): built once, found by identity.
+_BLOCKS: dict[int, tuple[Mapping[str, str], bytes]] = {}
 
 
 class Writer:
@@ -286,6 +302,20 @@ class Writer:
         else:
             line = b"PUB %s %d\r\n" % (subject.encode(), size)
         return self._queue(line, data)
+
+    def publish_constant(
+        self, prefix: bytes, headers: Mapping[str, str], data: bytes
+    ) -> Awaitable[Any] | None:
+        """`publish` with the bus's constant headers, no reply; ``prefix`` is ``b"HPUB <s> "``.
+
+        Raises:
+            TooLarge: body and headers exceed the server's max_payload.
+        """
+        block = _header_block(headers, self.checked)
+        size = len(block) + len(data)
+        if size > self.limit:
+            raise TooLarge(size)
+        return self._queue(prefix + b"%d %d\r\n" % (len(block), size) + block, data)
 
     def publish_plain(self, prefix: bytes, data: bytes) -> Awaitable[Any] | None:
         """`publish` of a body without headers or reply; ``prefix`` is ``b"PUB <subject> "``."""

@@ -108,8 +108,13 @@ class NatsOptions:
             raise InvalidURL(
                 f"unknown NATS option(s) {', '.join(unknown)}; known: {', '.join(sorted(_KNOWN))}"
             )
+        if url.path not in ("", "/"):
+            raise InvalidURL(
+                f"{url.scheme}:// URLs have no path (got {url.path!r}); NATS has no "
+                "databases or vhosts, options go in the query"
+            )
         tls_files = any(opts.get(key) for key in ("ca_file", "certfile", "keyfile"))
-        tls_wanted = url.scheme == "tls" or tls_files
+        tls_wanted = url.scheme in ("nats+tls", "tls") or tls_files  # tls: the older name
         scheme = "tls" if tls_wanted else "nats"
         hosts = url.hosts or (("127.0.0.1", None),)
         servers = tuple(f"{scheme}://{_host(host)}:{port or DEFAULT_PORT}" for host, port in hosts)
@@ -233,13 +238,14 @@ CAPABILITIES = Capabilities(
     request_reply=True,
     no_responders=True,
     will=False,
+    presence=True,  # leases in a KV bucket, swept by surviving buses (_presence.py)
     persistence=True,
     ordering=True,
     max_payload=1_048_576,
-    emulated=frozenset({"retain"}),
+    emulated=frozenset({"retain", "presence"}),
 )
 _NO_RETAIN = msgspec.structs.replace(
-    CAPABILITIES, retain=False, retain_emulated=False, emulated=frozenset()
+    CAPABILITIES, retain=False, retain_emulated=False, presence=False, emulated=frozenset()
 )
 _CORE = msgspec.structs.replace(_NO_RETAIN, max_qos=0, persistence=False)
 

@@ -17,7 +17,13 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
-from cascade_bus.spi import DropReason, Message, MessageSink, TransportSubscription
+from cascade_bus.spi import (
+    DropReason,
+    Message,
+    MessageSink,
+    TransportSubscription,
+    encode_header_value,
+)
 
 from ._fastpath import Route, Router
 from ._mapper import topic_from_subject
@@ -254,7 +260,7 @@ class Entry(TransportSubscription):
         if reply:
             # A plain NATS request: answering env.reply_to (bus.reply) reaches the requester.
             headers = headers or {}
-            headers.setdefault("ce-replyto", topic_from_subject(reply))
+            headers.setdefault("ce-replyto", encode_header_value(topic_from_subject(reply)))
         if rev is None:
             message = Message(topic_from_subject(subject), data, headers)
             if self.buffer is None and not self.waiting:

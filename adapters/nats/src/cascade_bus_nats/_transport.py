@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar, cast
 
 import nats.errors as nats_errors
@@ -37,6 +38,7 @@ from ._jetstream import JetStream
 from ._mapper import NatsTopicMapper, subject_from_topic, topic_from_subject
 from ._options import CAPABILITIES, NatsOptions, capabilities
 from ._outgoing import Outbox
+from ._presence import NatsPresence
 from ._publishing import Publishing
 from ._retained import Retained
 from ._routing import Entry, nsub
@@ -48,8 +50,8 @@ __all__ = ["REVISION_HEADER", "NatsTransport"]
 log = logging.getLogger("cascade_bus.nats")
 
 
-class NatsTransport(NetworkTransport):
-    """``nats://[user:pass@|token@]host[:4222][,host2:4222...]`` and ``tls://`` via nats-py.
+class NatsTransport(NatsPresence, NetworkTransport):
+    """``nats://[user:pass@|token@]host[:4222][,host2:4222...]`` and ``nats+tls://`` via nats-py.
 
     Options (URL query or keyword; every one is described in docs/transports/nats.md and
     parsed by `NatsOptions`): credentials, TLS files, ``reconnect``/``reconnect_min``/
@@ -73,6 +75,7 @@ class NatsTransport(NetworkTransport):
         self._writer: Writer | PublicWriter
         self._max_payload = DEFAULT_MAX_PAYLOAD
         self._pub_prefixes: dict[str, bytes] = {}
+        self._hpub_prefixes: dict[str, bytes] = {}
         self._closing = False
         self._dead = False  # nats-py gave up reconnecting
         self._js_ready = False
@@ -171,10 +174,13 @@ class NatsTransport(NetworkTransport):
             )
         return subject
 
-    def _pub_prefix(self, topic: str) -> bytes:
-        """``b"PUB <subject> "`` for a topic (checked once, then cached)."""
-        prefix = b"PUB " + self._subject(topic).encode() + b" "
-        cache = self._pub_prefixes
+    def _pub_prefix(
+        self, topic: str, verb: bytes = b"PUB ", cache: dict[str, bytes] | None = None
+    ) -> bytes:
+        """``b"PUB <subject> "`` (or ``HPUB``) for a topic (checked once, then cached)."""
+        prefix = verb + self._subject(topic).encode() + b" "
+        if cache is None:
+            cache = self._pub_prefixes
         if len(cache) >= 4096:
             cache.clear()
         cache[topic] = prefix
@@ -185,22 +191,21 @@ class NatsTransport(NetworkTransport):
         if size > self._max_payload:
             raise too_large(topic, size, self._max_payload)
 
-    async def publish(
+    async def _publish_slow(
         self,
         topic: str,
         data: bytes,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        headers: Mapping[str, str] | None = None,
-        reply: str = "",
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+        reply: str,
     ) -> None:
-        """Publish; QoS 1 and retained return once JetStream acknowledged the message.
+        """`send` off the fast path; QoS 1 and retained return once JetStream acknowledged.
 
         While disconnected, every publish returns once the message is in the offline buffer;
         QoS-1 and retained ones are sent and confirmed after the reconnect (`flush` waits for
         them; a failure then is counted in ``stats.dropped['publish_failed']`` and logged).
-        ``reply`` is a NATS reply subject (requests, see `publish_request`).
+        ``reply`` is a NATS reply subject (requests).
 
         Raises:
             PublishError: the server refused it, it was not acknowledged within
@@ -230,44 +235,28 @@ class NatsTransport(NetworkTransport):
                 raise publish_error(exc, topic, len(data), nc.max_payload) from exc
         await self._publishing.publish(topic, data, qos, retain, headers, reply)
 
-    def publish_request(
+    def send(
         self,
         topic: str,
         data: bytes,
         qos: int,
         retain: bool,
         headers: Mapping[str, str] | None,
-        *,
-        reply_to: str,
+        reply_to: str | None = None,
     ) -> Awaitable[None] | None:
-        """`publish_nowait` for a request: its inbox travels as the NATS reply subject.
-
-        The server then answers "no responders" on it when nobody listens (see
-        `on_no_responders`). QoS 1 requests go through JetStream, which has no reply subject.
-        """
-        reply = _reply_subject(reply_to)
-        if qos or retain or not self._connected or self._router is None:
-            return self.publish(topic, data, qos=qos, retain=retain, headers=headers, reply=reply)
-        return self._publish_fast(topic, data, headers, reply)
-
-    def publish_nowait(
-        self,
-        topic: str,
-        data: bytes,
-        qos: int,
-        retain: bool,
-        headers: Mapping[str, str] | None,
-    ) -> Awaitable[None] | None:
-        """`publish` without a coroutine for QoS 0 while connected (the bus's fast path).
+        """The hot path: QoS 0 while connected is queued for the socket and returns None.
 
         Returns an awaitable when the caller must wait (QoS 1, retained, disconnected, or the
-        write buffer over ``pending_size``), else None: the message is queued for the socket.
+        write buffer over ``pending_size``). A request's ``reply_to`` travels as the NATS reply
+        subject, so the server answers "no responders" when nobody listens (see
+        `on_no_responders`); QoS 1 requests go through JetStream, which has no reply subject.
         """
+        reply = "" if reply_to is None else _reply_subject(reply_to)
         if qos or retain or not self._connected or self._router is None:
-            if qos == 1 and not retain and self._opts.jetstream:
+            if qos == 1 and not retain and not reply and self._opts.jetstream:
                 return self._publishing.qos1_nowait(topic, data, headers)
-            return self.publish(topic, data, qos=qos, retain=retain, headers=headers)
-        return self._publish_fast(topic, data, headers)
+            return self._publish_slow(topic, data, qos, retain, headers, reply)
+        return self._publish_fast(topic, data, headers, reply)
 
     def _publish_fast(
         self, topic: str, data: bytes, headers: Mapping[str, str] | None, reply: str = ""
@@ -281,6 +270,15 @@ class NatsTransport(NetworkTransport):
             if prefix is None:
                 prefix = self._pub_prefix(topic)
             pending = writer.publish_plain(prefix, data)
+            return None if pending is None else self._room(pending)
+        if not reply and type(headers) is MappingProxyType:  # the bus's constant headers
+            prefix = self._hpub_prefixes.get(topic)
+            if prefix is None:
+                prefix = self._pub_prefix(topic, b"HPUB ", self._hpub_prefixes)
+            try:
+                pending = writer.publish_constant(prefix, headers, data)
+            except ValueError as exc:  # TooLarge
+                raise publish_error(exc, topic, len(data), self._max_payload) from exc
             return None if pending is None else self._room(pending)
         subject = self._subject(topic)
         try:

@@ -14,14 +14,13 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-from cascade_bus.spi import BusURL
+from cascade_bus.spi import BusURL, Waiters
 
 from ._connection import TOPIC_CACHE, log
 from ._inbound import parse_entry, parse_seq
 from ._prefetch import Prefetch
-from ._pubsub import PubSub
 from ._resp import RespConnection, RespLost
-from ._retained import _Sub
+from ._retained import Retained, _Sub
 
 __all__ = ["GROUP", "Acks"]
 
@@ -75,11 +74,11 @@ class _Stream:
         self.prefetch = prefetch
         self.acking: set[bytes] = set()  # ack sent (or queued), not yet confirmed
         self.to_ack: list[bytes] = []
-        self.barriers: dict[bytes, asyncio.Future[None]] = {}
+        self.barriers = Waiters()  # this subscriber's barrier entries
         self.topics: dict[bytes, str] = {}  # topics of entries checked against the pattern
 
 
-class Acks(PubSub):
+class Acks(Retained):
     """Delivery of stream entries and the batched XACKs of the handled ones."""
 
     def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
@@ -132,10 +131,7 @@ class Acks(PubSub):
         A token of the adapter's shape from another bus is a stale one (a process with the
         same ``client_id`` that stopped before reading it back): ignored, not counted.
         """
-        fut = stream.barriers.pop(token, None)
-        if fut is not None:
-            if not fut.done():
-                fut.set_result(None)
+        if stream.barriers.arrived(token):
             return
         bus, _, number = token.partition(b":")
         if len(bus) != 16 or not _HEX.issuperset(bus) or parse_seq(number) is None:
@@ -170,15 +166,15 @@ class Acks(PubSub):
 
     def _flush_acks(self) -> None:
         self._ack_handle = None
-        cmd = self._cmd
-        if cmd is None or cmd.lost or not self._connected:
+        links = self._links
+        if not self._connected or not links.ready():
             return  # sent after the reconnect (`restore` schedules them)
         streams, self._ack_streams = self._ack_streams, set()
         for stream in streams:
             ids, stream.to_ack = stream.to_ack, []
             if not ids:
                 continue
-            fut = cmd.call(b"XACK", stream.key, GROUP, *ids)
+            fut = links.xack(stream.key, ids)
             fut.add_done_callback(functools.partial(self._acked, stream, ids))
 
     def _acked(self, stream: _Stream, ids: list[bytes], fut: asyncio.Future[Any]) -> None:

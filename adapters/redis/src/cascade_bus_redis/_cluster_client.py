@@ -1,10 +1,11 @@
-"""Redis Cluster, the base layer: naming (shard keys, namespaces, slots), the redis-py client.
+"""Redis Cluster links, the base layer: naming (shard keys, namespaces, slots), the client.
 
 Every command but pub/sub and stream reads goes through redis-py's ``RedisCluster`` (topology,
-MOVED/ASK redirects); `ClusterBase._rc_call` turns its exceptions into the RESP client's
-(`ReplyError`, `RespLost`) so the standalone layers above handle both alike. The records of the
-pub/sub side (`_Link` per master, `_Channel` per channel listened on) live here too.
-See ``_cluster.py`` for the design.
+MOVED/ASK redirects); `ClusterClient.call` turns its exceptions into the RESP client's
+(`ReplyError`, `RespLost`) so the transport's layers handle both alike. The records of the
+pub/sub side (`_Link` per master, `_Channel` per channel listened on) live here too. Layers of
+the cluster's `Links` part: this module -> ``_cluster_leases`` -> ``_cluster_links``. See
+``_cluster.py`` for the design.
 """
 
 from __future__ import annotations
@@ -13,21 +14,24 @@ import asyncio
 import binascii
 import functools
 import itertools
-from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from cascade_bus import ConnectionLost, UnsupportedFeature
-from cascade_bus.spi import BusURL
+from cascade_bus.spi import install_command
 
 from . import _errors as errors
-from ._acks import _Stream
 from ._connection import log
-from ._pubsub import _Flow
+from ._links import Flow, SyncPoints
 from ._resp import ReplyError, RespConnection, RespLost
-from ._retained import _Sub
 from ._script import BROAD_SCRIPT, SCRIPT
 from ._topics import hash_tag, shard_key
-from ._transport import _CONNECT_TIMEOUT, RedisTransport
+from ._transport import _CONNECT_TIMEOUT
+
+if TYPE_CHECKING:
+    from ._acks import _Stream
+    from ._retained import _Sub
+    from ._transport import RedisTransport
 
 try:
     from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -47,14 +51,14 @@ try:
     )
 except ImportError as exc:  # pragma: no cover - depends on the installation
     raise ImportError(
-        f"redis+cluster:// needs redis-py ({exc}): pip install 'cascade-bus-redis[cluster]'"
+        f"redis+cluster:// needs redis-py ({exc}): {install_command('cascade-bus-redis[cluster]')}"
     ) from exc
 
 __all__ = [
     "SLOTS",
     "AuthenticationError",
     "AuthorizationError",
-    "ClusterBase",
+    "ClusterClient",
     "NoScriptError",
     "ResponseError",
     "key_slot",
@@ -108,7 +112,7 @@ class _Link:
     def __init__(self, name: str) -> None:
         self.name = name
         self.conn: RespConnection | None = None
-        self.flow = _Flow()
+        self.flow = Flow()
         self.leaving: dict[bytes, int] = {}  # SUNSUBSCRIBEs sent and not yet confirmed
         self.errors: list[ReplyError] = []  # error replies (a refused SSUBSCRIBE)
 
@@ -133,27 +137,38 @@ class _Channel:
         self.ready: asyncio.Future[None] | None = None
 
 
-class ClusterBase(RedisTransport):
-    """Naming, the cluster client and the shared state of the Redis Cluster transport."""
+class ClusterClient:
+    """Naming, the cluster client and the shared state of the Redis Cluster links."""
 
-    _CLUSTER: ClassVar[bool] = True
-    _RETRY_CODES: ClassVar[frozenset[str]] = frozenset(
+    retry_codes: frozenset[str] = frozenset(
         {"MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN"}
     )
 
-    def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
-        super().__init__(url, options)
-        o = self._opts
+    def __init__(self, transport: RedisTransport) -> None:
+        self.t = transport
+        self.url = transport.url
+        self._opts = o = transport._opts
+        self._prefix = transport._prefix
+        self._id = transport._id
+        self._barrier_channel = transport._barrier_channel
+        self._tokens = transport._tokens
+        self._junk = transport._junk
+        self._spawn = transport._spawn
+        self._sync = SyncPoints(transport._tokens, transport._junk)
+        self._ttl_ms = int(o.stream_ttl * 1000)
         self._levels = o.shard_levels
+        self.lost = asyncio.Event()
         self._rc: RedisCluster | None = None
-        self._links: dict[str, _Link] = {}
+        self._masters: dict[str, _Link] = {}
         self._classic_link: str | None = None
         self._chans: dict[bytes, _Channel] = {}  # shard channels (kinds t, p)
         self._classic: dict[bytes, _Channel] = {}  # classic channels (kind b)
         self._fields = itertools.count(1)
         self._lease_task: asyncio.Task[None] | None = None
+        self._renew_at: float | None = None
         self._ack_tasks: set[asyncio.Task[Any]] = set()
         self._frame_topics: dict[bytes, str] = {}
+        self._sha = b""
         self._broad_sha = b""
 
     # -- naming ----------------------------------------------------------------------------------
@@ -162,15 +177,12 @@ class ClusterBase(RedisTransport):
         """The namespace (key prefix with hash tag) of a shard key."""
         return self._prefix + hash_tag(key).encode()
 
-    def _namespace(self, pattern: str) -> bytes:
+    def namespace(self, pattern: str) -> bytes:
+        """The namespace of a stream subscription's pattern (its shard key's)."""
         key = shard_key(pattern, self._levels)
         if key is None:  # pragma: no cover - subscribe() refuses these first
             raise UnsupportedFeature(self.url.scheme, "streams for a broad pattern")
         return self._ns(key)
-
-    def shard_key(self, topic: str) -> str | None:
-        """The shard key of a topic or pattern (None: a broad pattern, spread over all slots)."""
-        return shard_key(topic, self._levels)
 
     def _plan(self, pattern: str) -> tuple[str, bytes, bytes]:
         """``(kind, namespace, channel)`` of a pub/sub subscription to ``pattern``."""
@@ -201,6 +213,11 @@ class ClusterBase(RedisTransport):
                 ssl_cert_reqs="required" if verify else "none",
                 ssl_check_hostname=verify,
             )
+        if o.address_map:
+            remap = o.address_map
+            # Every node redis-py learns (slot map, redirects) is reached at its mapped address;
+            # the pub/sub links and stream readers take their addresses from those nodes.
+            kwargs["address_remap"] = lambda address: remap.get(address, address)
         return RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in o.hosts],
             username=o.username,
@@ -241,8 +258,11 @@ class ClusterBase(RedisTransport):
         except _FAILURES as exc:
             raise RespLost(f"{self.url.endpoint()}: {type(exc).__name__}: {exc}") from exc
 
-    async def _call(self, *args: bytes) -> Any:
+    async def call(self, *args: bytes) -> Any:
         return await self._rc_call(*args)
+
+    def ready(self) -> bool:
+        return self._rc is not None
 
     async def _pipeline(self, calls: Iterable[tuple[Any, ...]]) -> list[Any]:
         """Run commands as one cluster pipeline; results (exceptions included) in order.
@@ -276,7 +296,7 @@ class ClusterBase(RedisTransport):
         sha = await rc.script_load(BROAD_SCRIPT)
         self._broad_sha = sha.encode() if isinstance(sha, str) else sha
 
-    async def _reload_script(self) -> None:
+    async def reload_script(self) -> None:
         """Load the script again (a master restarted or took over without it).
 
         Raises:
@@ -287,7 +307,7 @@ class ClusterBase(RedisTransport):
         except _FAILURES as exc:
             raise ConnectionLost(f"loading the script into {self.url.endpoint()}: {exc}") from exc
 
-    async def _script(self, op: bytes, *args: bytes, ns: bytes | None = None) -> Any:
+    async def script(self, op: bytes, *args: bytes, ns: bytes | None = None) -> Any:
         """Run one script operation in namespace ``ns`` (routed to the slot's master)."""
         ns = ns or self._prefix
         for attempt in (1, 2):
@@ -296,12 +316,12 @@ class ClusterBase(RedisTransport):
             except ReplyError as exc:
                 if exc.code != "NOSCRIPT" or attempt == 2:
                     raise
-                await self._reload_script()
+                await self.reload_script()
             except RespLost as exc:
                 raise errors.lost(exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _on_redirect(self, error: ReplyError) -> None:
+    async def on_redirect(self, error: ReplyError) -> None:
         """A stream reader was redirected: read the slot map again before reconnecting."""
         rc = self._rc
         if rc is not None:
@@ -323,6 +343,6 @@ class ClusterBase(RedisTransport):
             raise ConnectionLost(f"no master for {key!r}")
         return node.name, (node.host, int(node.port))
 
-    async def _open_stream(self, stream: _Stream) -> RespConnection:
+    async def open_stream(self, stream: _Stream) -> RespConnection:
         _, address = self._node_address(stream.key)
-        return await self._open("stream", address=address)
+        return await self.t._open("stream", address=address)

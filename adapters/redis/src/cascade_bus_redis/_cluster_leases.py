@@ -19,7 +19,7 @@ from ._cluster_client import (
     _LEASE_BATCH,
     _TRANSIENT,
     SLOTS,
-    ClusterBase,
+    ClusterClient,
     NoScriptError,
     ResponseError,
     _Channel,
@@ -30,12 +30,12 @@ from ._resp import ReplyError, RespLost
 __all__ = ["ClusterLeases"]
 
 
-class ClusterLeases(ClusterBase):
+class ClusterLeases(ClusterClient):
     """Pattern leases, snapshots over namespaces, the barrier for broad patterns."""
 
     async def _lease(self, ch: _Channel) -> None:
         ttl = str(self._ttl_ms).encode()
-        await self._script(b"a", ch.ns + b"patterns", ch.field, ch.pattern.encode(), ttl, ns=ch.ns)
+        await self.script(b"a", ch.ns + b"patterns", ch.field, ch.pattern.encode(), ttl, ns=ch.ns)
 
     async def _lease_broad(
         self, fields: list[bytes], patterns: list[bytes], *, drop: bool = False
@@ -94,7 +94,7 @@ class ClusterLeases(ClusterBase):
             chunk = calls[start : start + _LEASE_BATCH]
             results = await self._pipeline(chunk)
             if any(isinstance(r, NoScriptError) for r in results):
-                await self._reload_script()
+                await self.reload_script()
                 results = await self._pipeline(chunk)
             for result in results:
                 if isinstance(result, ResponseError) and not isinstance(result, _TRANSIENT):
@@ -104,7 +104,7 @@ class ClusterLeases(ClusterBase):
 
     async def _renew_leases(self, *, connected: bool = True) -> None:
         """Write every lease of this bus again (after a reconnect, and every stream_ttl / 3)."""
-        if connected and not self._connected:
+        if connected and not self.t._connected:
             return
         narrow = [ch for ch in self._chans.values() if ch.kind == "p"]
         await asyncio.gather(*(self._lease(ch) for ch in narrow))
@@ -120,18 +120,16 @@ class ClusterLeases(ClusterBase):
         except (ConnectionLost, ReplyError) as exc:
             log.info("renewing the pattern leases on %s failed: %s", self.url.endpoint(), exc)
 
-    async def _snapshot(
-        self, pattern: str, ns: bytes | None = None
-    ) -> dict[str, tuple[int, bytes]]:
-        if ns is not None:
-            return await super()._snapshot(pattern, ns)
+    async def snapshot(self, pattern: str) -> dict[str, tuple[int, bytes]]:
+        """Retained messages matching ``pattern``: its namespace's, or (broad) every one's."""
+        read = self.t._read_retained
         kind, ns, _ = self._plan(pattern)
         if kind != "b":
-            return await super()._snapshot(pattern, ns)
+            return await read(pattern, ns)
         # A broad pattern: every namespace that holds retained messages, on every master.
         out: dict[str, tuple[int, bytes]] = {}
         for key in await self._retained_keys():
-            out.update(await super()._snapshot(pattern, key[: -len(b"retained")]))
+            out.update(await read(pattern, key[: -len(b"retained")]))
         return out
 
     async def _retained_keys(self) -> list[bytes]:
@@ -157,12 +155,9 @@ class ClusterLeases(ClusterBase):
     async def _classic_barrier(self) -> None:
         """PUBLISH a token on every master; all of them arriving means all earlier ones did."""
         rc = self._client()
-        loop = asyncio.get_running_loop()
         tokens: list[tuple[Any, bytes, asyncio.Future[None]]] = []
         for node in rc.get_primaries():
-            token = b"%d" % next(self._tokens)
-            fut: asyncio.Future[None] = loop.create_future()
-            self._barriers[token] = fut
+            token, fut = self._sync.expect(self._sync.barriers)
             tokens.append((node, token, fut))
         try:
             await asyncio.gather(
@@ -176,4 +171,4 @@ class ClusterLeases(ClusterBase):
             raise errors.lost(exc) from exc
         finally:
             for _, token, _ in tokens:
-                self._barriers.pop(token, None)
+                self._sync.barriers.discard(token)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections import deque
 from collections.abc import Awaitable, Iterable
 from typing import Any
 
@@ -23,20 +22,20 @@ from ._cluster_client import _FAILURES, _TOPIC_CACHE, _Channel, _Link
 from ._cluster_leases import ClusterLeases
 from ._connection import log
 from ._inbound import decode_topic, parse_seq
-from ._resp import ReplyError, RespLost, pack
+from ._resp import ReplyError, pack
 from ._retained import _Sub
 
-__all__ = ["ClusterLinks"]
+__all__ = ["ClusterPubSub"]
 
 
-class ClusterLinks(ClusterLeases):
+class ClusterPubSub(ClusterLeases):
     """The pub/sub links to the masters and the subscriptions on them."""
 
     # -- connecting ------------------------------------------------------------------------------
 
-    async def _open_main(self) -> None:
+    async def open(self) -> None:
         """Read the topology, load the script, open a link per master, resubscribe, re-lease."""
-        self._lost = lost = asyncio.Event()
+        self.lost = lost = asyncio.Event()
         rc = self._rc
         if rc is None:
             rc = self._rc = self._new_client()
@@ -50,7 +49,7 @@ class ClusterLinks(ClusterLeases):
             raise errors.cluster_connect_failed(self.url.endpoint(), exc) from exc
         if not primaries:
             raise ConnectError(f"{self.url.endpoint()} reports no masters")
-        self._abort_connections()  # a previous attempt's links, if any
+        self.abort()  # a previous attempt's links, if any
         links: dict[str, _Link] = {}
         try:
             for node in primaries:
@@ -61,12 +60,12 @@ class ClusterLinks(ClusterLeases):
                 if link.conn is not None:
                     link.conn.abort()
             raise
-        self._links = links
+        self._masters = links
         self._classic_link = primaries[0].name
         try:
             await self._resubscribe()
         except BaseException:
-            self._abort_connections()
+            self.abort()
             raise
 
     async def _open_link(self, name: str, address: tuple[str, int], lost: asyncio.Event) -> _Link:
@@ -75,7 +74,7 @@ class ClusterLinks(ClusterLeases):
         def on_lost(exc: BaseException | None) -> None:
             lost.set()
 
-        link.conn = await self._open(
+        link.conn = await self.t._open(
             "pubsub",
             address=address,
             on_push=functools.partial(self._on_link_push, link),
@@ -86,33 +85,30 @@ class ClusterLinks(ClusterLeases):
 
     async def _resubscribe(self) -> None:
         """After (re)connecting: every channel on the master owning it, every lease again."""
-        commands: dict[str, list[bytes]] = {name: [] for name in self._links}
+        commands: dict[str, list[bytes]] = {name: [] for name in self._masters}
         assert self._classic_link is not None
         classic = commands[self._classic_link]
         classic.append(pack(b"SUBSCRIBE", self._barrier_channel, *self._classic))
         for ch in self._chans.values():
             ch.node, _ = self._node_address(ch.name)
-            if ch.node not in self._links:
+            if ch.node not in self._masters:
                 raise ConnectionLost(f"{ch.node} owns {ch.name!r} but is not a known master")
             commands[ch.node].append(pack(b"SSUBSCRIBE", ch.name))
         for ch in self._classic.values():
             ch.node = self._classic_link
         await asyncio.gather(
-            *(self._link_sync(self._links[name], cmds) for name, cmds in commands.items())
+            *(self._link_sync(self._masters[name], cmds) for name, cmds in commands.items())
         )
         # A server that restarted has lost the leases (and a lease may have run out).
         await self._renew_leases(connected=False)
 
-    def _abort_connections(self) -> BaseException | None:
+    def abort(self) -> BaseException | None:
         cause: BaseException | None = None
-        for link in self._links.values():
+        for link in self._masters.values():
             if link.conn is not None:
                 cause = cause or link.conn.lost_cause
                 link.conn.abort()
         return cause
-
-    def _take_inflight(self) -> None:
-        """Nothing to do: the sender requeues what a failed batch left unanswered itself."""
 
     # -- pub/sub links ---------------------------------------------------------------------------
 
@@ -126,19 +122,8 @@ class ClusterLinks(ClusterLeases):
         conn = link.conn
         if conn is None or conn.lost:
             raise ConnectionLost(f"the pub/sub link to {link.name} is down")
-        token = b"%d" % next(self._tokens)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pongs[token] = fut
         refused = len(link.errors)
-        try:
-            for command in commands:
-                conn.send_raw(command)
-            conn.send_raw(pack(b"PING", token))
-            await fut
-        except RespLost as exc:
-            raise errors.lost(exc) from exc
-        finally:
-            self._pongs.pop(token, None)
+        await self._sync.ping(conn, commands)
         if len(link.errors) > refused:
             error = link.errors[refused]
             del link.errors[refused:]
@@ -156,9 +141,9 @@ class ClusterLinks(ClusterLeases):
                 if ch is not None:
                     self._deliver_frame(link, ch, reply[2])
                 elif reply[1] == self._barrier_channel:
-                    self._on_barrier(reply[2])
+                    self._sync.barrier(reply[2])
             elif kind == b"pong":
-                self._pong(reply[1])
+                self._sync.pongs.arrived(reply[1])
             elif kind == b"sunsubscribe":
                 channel = reply[1]
                 pending = link.leaving.get(channel, 0)
@@ -166,7 +151,7 @@ class ClusterLinks(ClusterLeases):
                     link.leaving[channel] = pending - 1
                 elif pending == 1:
                     del link.leaving[channel]
-                elif not self._closing:
+                elif not self.t._closing:
                     # Unasked: the slot moved to another master (resharding or failover). A
                     # reconnect subscribes it where it lives now and resyncs retained state.
                     log.warning(
@@ -174,19 +159,20 @@ class ClusterLinks(ClusterLeases):
                         link.name,
                         channel,
                     )
-                    self._lost.set()
+                    self.lost.set()
         elif type(reply) is bytes:
-            self._pong(reply)  # PING outside subscribed mode answers with a plain bulk string
+            # PING outside subscribed mode answers with a plain bulk string.
+            self._sync.pongs.arrived(reply)
         elif type(reply) is ReplyError:
             link.errors.append(reply)
             if len(link.errors) > 16:
                 del link.errors[:-16]
             log.debug("%s refused a pub/sub command: %s", link.name, reply)
 
-    def _pong(self, token: bytes) -> None:
-        fut = self._pongs.pop(token, None)
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+    def _push_failed(self, reply: Any, error: Exception) -> None:
+        """A pub/sub push that could not be handled: counted, logged, the link stays up."""
+        self._junk("a pub/sub message", error)
+        log.debug("handling %r failed", reply, exc_info=error)
 
     def _deliver_frame(self, link: _Link, ch: _Channel, data: bytes) -> None:
         """Deliver one frame (``seq``, topic and body, NUL-separated); junk is counted."""
@@ -219,8 +205,8 @@ class ClusterLinks(ClusterLeases):
 
     # -- subscribing -----------------------------------------------------------------------------
 
-    async def _subscribe_pubsub(self, sub: _Sub) -> None:
-        sub.window = deque()
+    async def listen(self, sub: _Sub) -> None:
+        """Listen on ``sub``'s channel (the first subscription to it subscribes and leases)."""
         kind, ns, name = self._plan(sub.pattern)
         table = self._classic if kind == "b" else self._chans
         ch = table.get(name)
@@ -230,33 +216,25 @@ class ClusterLinks(ClusterLeases):
             ch = table[name] = _Channel(kind, name, ns, sub.pattern, field)
             ch.ready = asyncio.get_running_loop().create_future()
         ch.routes.append((sub.pattern, sub))
-        self._subs.add(sub)
+        ready = ch.ready
+        assert ready is not None
+        if not created:
+            await asyncio.shield(ready)
+            return
         try:
-            ready = ch.ready
-            assert ready is not None
-            if created:
-                try:
-                    await self._listen(ch)
-                except BaseException as exc:
-                    if not ready.done():
-                        ready.set_exception(exc)
-                        ready.exception()  # retrieved: other waiters re-raise it
-                    raise
-                ready.set_result(None)
-            else:
-                await asyncio.shield(ready)
-            snapshot = await self._snapshot(sub.pattern)
-            await self._barrier_for([ch])
-        except BaseException:
-            await self._remove(sub)
+            await self._listen(ch)
+        except BaseException as exc:
+            if not ready.done():
+                ready.set_exception(exc)
+                ready.exception()  # retrieved: other waiters re-raise it
             raise
-        await self._drain_window(sub, snapshot, resync=False)
+        ready.set_result(None)
 
     async def _listen(self, ch: _Channel) -> None:
         """Subscribe a new channel where it lives and lease its pattern (confirmed)."""
         if ch.kind == "b":
             ch.node = self._classic_link
-            link = self._links.get(ch.node or "")
+            link = self._masters.get(ch.node or "")
             if link is None:
                 raise ConnectionLost(f"not connected to {self.url.endpoint()}")
             await self._link_sync(link, [pack(b"SUBSCRIBE", ch.name)])
@@ -264,22 +242,22 @@ class ClusterLinks(ClusterLeases):
             return
         for attempt in (1, 2, 3):
             ch.node, _ = self._node_address(ch.name)
-            link = self._links.get(ch.node)
+            link = self._masters.get(ch.node)
             if link is None:
                 # A master this bus has no link to (the cluster grew): reconnect to learn it.
-                self._lost.set()
+                self.lost.set()
                 raise ConnectionLost(f"{ch.node} is not among the masters this bus knows yet")
             try:
                 await self._link_sync(link, [pack(b"SSUBSCRIBE", ch.name)])
                 break
             except ReplyError as exc:
-                if exc.code not in self._RETRY_CODES or attempt == 3:
+                if exc.code not in self.retry_codes or attempt == 3:
                     raise
-                await self._on_redirect(exc)
+                await self.on_redirect(exc)
         if ch.kind == "p":
             await self._lease(ch)
 
-    async def _remove_pubsub(self, sub: _Sub) -> None:
+    async def unlisten(self, sub: _Sub) -> None:
         kind, _, name = self._plan(sub.pattern)
         table = self._classic if kind == "b" else self._chans
         ch = table.get(name)
@@ -289,18 +267,18 @@ class ClusterLinks(ClusterLeases):
         if ch.routes:
             return
         del table[name]
-        link = self._links.get(ch.node or "")
+        link = self._masters.get(ch.node or "")
         if link is not None and link.conn is not None and not link.conn.lost:
             if kind == "b":
                 link.conn.send_raw(pack(b"UNSUBSCRIBE", name))
             else:
                 link.leaving[name] = link.leaving.get(name, 0) + 1
                 link.conn.send_raw(pack(b"SUNSUBSCRIBE", name))
-        if kind == "t" or not self._connected or self._closing:
+        if kind == "t" or not self.t._connected or self.t._closing:
             return
         try:
             if kind == "p":
-                await self._script(b"d", ch.ns + b"patterns", ch.field, ns=ch.ns)
+                await self.script(b"d", ch.ns + b"patterns", ch.field, ns=ch.ns)
             else:
                 await self._lease_broad([ch.field], [ch.pattern.encode()], drop=True)
         except (ConnectionLost, ReplyError) as exc:
@@ -317,7 +295,7 @@ class ClusterLinks(ClusterLeases):
             elif ch.node is not None:
                 nodes.add(ch.node)
         for name in nodes:
-            link = self._links.get(name)
+            link = self._masters.get(name)
             if link is None:
                 raise ConnectionLost(f"the pub/sub link to {name} is down")
             waits.append(self._link_sync(link, []))
@@ -325,5 +303,12 @@ class ClusterLinks(ClusterLeases):
             waits.append(self._classic_barrier())
         await asyncio.gather(*waits)
 
-    async def _barrier(self) -> None:
+    async def barrier(self, sub: _Sub | None = None) -> None:
+        """Wait until everything run so far reached ``sub``'s channel (or every channel)."""
+        if sub is not None:
+            kind, _, name = self._plan(sub.pattern)
+            ch = (self._classic if kind == "b" else self._chans).get(name)
+            if ch is not None:
+                await self._barrier_for([ch])
+                return
         await self._barrier_for([*self._chans.values(), *self._classic.values()])

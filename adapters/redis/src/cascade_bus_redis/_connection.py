@@ -1,9 +1,10 @@
 """The Redis transport's base: options, connection handshakes, the kit objects, shared state.
 
-`RedisBase` is the bottom of the transport's layers (``_publishing`` -> ``_retained`` ->
-``_pubsub`` -> ``_streams`` -> ``_transport``); each layer adds one concern and its own state.
-The kit objects (`OfflineBuffer`, `TaskSet`; the `Supervisor` in ``_transport``) are created
-once, at construction, and used directly on the hot paths.
+`RedisBase` is the bottom of the transport's layers (``_retained`` -> ``_acks`` -> ``_streams``
+-> ``_transport``); each layer adds one concern and its own state, and reaches Redis through the
+two composed parts (`Links`, `Publisher`: standalone or cluster, see ``_links``). The kit objects
+(`OfflineBuffer`, `TaskSet`; the `Supervisor` in ``_transport``) are created once, at
+construction, and used directly on the hot paths.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ._options import RedisOptions
 from ._resp import ReplyError, RespConnection, RespLost
 
 if TYPE_CHECKING:
+    from ._links import Links, Publisher
     from ._retained import _Sub
 
 __all__ = ["RedisBase", "log"]
@@ -42,8 +44,6 @@ TOPIC_CACHE = 4096
 class RedisBase(NetworkTransport):
     """Options, connections and the kit objects every layer of the Redis transport uses."""
 
-    #: Error codes after which a stream reader reconnects instead of failing (Redis Cluster).
-    _RETRY_CODES: ClassVar[frozenset[str]] = frozenset()
     #: Parse the URL for Redis Cluster (several seed hosts, no database number).
     _CLUSTER: ClassVar[bool] = False
 
@@ -55,9 +55,6 @@ class RedisBase(NetworkTransport):
         self._prefix = prefix
         self._ctl = prefix + b"ctl"
         self._barrier_channel = prefix + b"b:" + self._id.encode()
-        self._cmd: RespConnection | None = None
-        self._pubsub: RespConnection | None = None
-        self._lost = asyncio.Event()
         self._closing = False
         self._offline = OfflineBuffer(o.net.offline_buffer, self.stats, url.endpoint())
         self._tasks = TaskSet("redis")
@@ -65,8 +62,11 @@ class RedisBase(NetworkTransport):
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._subs: set[_Sub] = set()
         self._tokens = Tokens()
+        self._ttl_ms = int(o.stream_ttl * 1000)  # a stream route's lease
         self._junk = Junk(self.stats, self.url.endpoint())
-        self._reported_failure = False
+        # The composed parts (set by the transport: standalone or cluster ones).
+        self._links: Links
+        self._publisher: Publisher
 
     # -- small public helpers (tests, health checks) ---------------------------------------------
 
@@ -121,27 +121,24 @@ class RedisBase(NetworkTransport):
             raise
         return conn
 
-    def _abort_connections(self) -> BaseException | None:
-        """Drop the command and pub/sub connections; return why the first one was lost."""
-        cause = None
-        for conn in (self._cmd, self._pubsub):
-            if conn is not None:
-                cause = cause or conn.lost_cause
-                conn.abort()
-        return cause
-
     async def _call(self, *args: bytes) -> Any:
-        """Run one command on the command connection and return its reply.
+        """Run one command (on the command connection, or routed by the cluster client).
 
         Raises:
             ConnectionLost: not connected.
             RespLost: the connection dropped before the reply.
             ReplyError: Redis refused the command.
         """
-        cmd = self._cmd
-        if cmd is None or cmd.lost:
-            raise errors.not_connected(self.url.endpoint())
-        return await cmd.call(*args)
+        return await self._links.call(*args)
+
+    async def _script(self, op: bytes, *args: bytes, ns: bytes | None = None) -> Any:
+        """Run one operation of the adapter's script in namespace ``ns`` (default: the prefix).
+
+        Raises:
+            ConnectionLost: not connected, or the connection dropped before the reply.
+            ReplyError: Redis refused it.
+        """
+        return await self._links.script(op, *args, ns=ns)
 
     async def _wait_up(self) -> None:
         """Wait for the connection (subscribing while reconnecting waits for it)."""
@@ -157,8 +154,5 @@ class RedisBase(NetworkTransport):
 
     if TYPE_CHECKING:  # implemented by upper layers; declared for the type checker only
 
-        async def _barrier(self) -> None:
-            """Wait until every message published before this call has arrived (``_pubsub``)."""
-
         async def _remove(self, sub: _Sub) -> None:
-            """End one subscription (``_transport``)."""
+            """End one subscription (``_streams``)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cascade_bus import InvalidURL, UnsupportedFeature
@@ -42,7 +42,7 @@ KNOWN = NETWORK_OPTIONS | frozenset(
     }
 )
 #: Options only ``redis+cluster://`` understands.
-CLUSTER_ONLY = frozenset({"shard_levels"})
+CLUSTER_ONLY = frozenset({"shard_levels", "address_map"})
 #: Last-will options (the MQTT transport's): refused, Redis has no last will.
 WILL = ("will_topic", "will_payload", "will_qos", "will_retain", "presence_topic")
 
@@ -85,6 +85,8 @@ class RedisOptions:
     """Redis Cluster: how many leading topic levels form the shard key."""
     tls_files: tuple[str | None, str | None, str | None, bool] = (None, None, None, True)
     """``(ca_file, certfile, keyfile, tls_verify)`` as given, for clients that take paths."""
+    address_map: Mapping[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+    """Redis Cluster, for tests: node address as announced -> address to connect to instead."""
 
     def __repr__(self) -> str:
         return (
@@ -122,7 +124,8 @@ class RedisOptions:
         if unknown:
             hint = ""
             if not cluster and set(unknown) & CLUSTER_ONLY:
-                hint = " (shard_levels is for redis+cluster:// URLs)"
+                names = " and ".join(sorted(set(unknown) & CLUSTER_ONLY))
+                hint = f" ({names}: for redis+cluster:// URLs only)"
             elif cluster and "db" in unknown:
                 hint = " (a Redis Cluster has database 0 only)"
             raise InvalidURL(
@@ -198,6 +201,7 @@ class RedisOptions:
             hosts=hosts,
             cluster=cluster,
             shard_levels=shard_levels,
+            address_map=_address_map(opts.get("address_map", "")),
             tls_files=(
                 opts.get("ca_file"),
                 opts.get("certfile"),
@@ -205,3 +209,29 @@ class RedisOptions:
                 parse_bool("tls_verify", opts.get("tls_verify", True)),
             ),
         )
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InvalidURL(f"address_map: {text!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _address_map(value: Any) -> dict[tuple[str, int], tuple[str, int]]:
+    """``address_map``: ``host:port=host:port,...`` (or a mapping of such strings).
+
+    Maps each cluster node's announced address to the one this bus connects to instead (a test
+    puts a TCP proxy in front of every node and cuts only this bus's connections).
+    """
+    if isinstance(value, Mapping):
+        pairs = [(str(k), str(v)) for k, v in value.items()]
+    else:
+        pairs = []
+        for item in str(value).split(","):
+            if item.strip():
+                announced, sep, reached = item.partition("=")
+                if not sep:
+                    raise InvalidURL(f"address_map: {item!r} is not announced=reached")
+                pairs.append((announced, reached))
+    return {_address(announced): _address(reached) for announced, reached in pairs}

@@ -1,4 +1,4 @@
-"""Publishing: publishes batched into EVALSHA calls of the adapter's script, and their replies.
+"""The standalone server's publisher: publishes batched into EVALSHA calls of the script.
 
 The publishes of one event-loop iteration (up to a quarter of ``max_inflight``, ``_BATCH_MAX``
 messages or ``_BATCH_BYTES``) are packed into one call (`_Batch`), sealed when the command
@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from cascade_bus.spi import BusURL, DropReason, Outgoing
+from cascade_bus import BusClosed
+from cascade_bus.spi import DropReason, Outgoing
 
 from . import _errors as errors
-from ._connection import TOPIC_CACHE, RedisBase, log
-from ._resp import ReplyError, RespConnection, RespLost, pack
-from ._script import SCRIPT
+from ._connection import TOPIC_CACHE, log
+from ._resp import ReplyError, RespConnection, RespLost
 
-__all__ = ["Publishing"]
+if TYPE_CHECKING:
+    from ._node_links import NodeLinks
+    from ._transport import RedisTransport
+
+__all__ = ["BatchPublisher"]
 
 #: Most messages, and body bytes, in one publish script call: bounds how long one call blocks
 #: the server (about a microsecond per message) and how much a NOSCRIPT resend holds.
@@ -52,15 +56,19 @@ class _Batch:
         self.outs = outs  # (1-based index in the batch, publish) of the QoS 1 publishes
 
 
-class Publishing(RedisBase):
-    """The publish batches of the command connection, the script, and their replies."""
+class BatchPublisher:
+    """The publish batches of the command connection and their replies (`Publisher`)."""
 
-    def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
-        super().__init__(url, options)
-        o = self._opts
+    def __init__(self, transport: RedisTransport, links: NodeLinks) -> None:
+        self.t = transport
+        self.links = links
+        o = transport._opts
+        self._opts = o
+        self._stats = transport.stats
+        self._offline = transport._offline
+        self._endpoint = transport.url.endpoint()
+        self._prefix = transport._prefix
         self._maxlen = str(o.stream_maxlen).encode()
-        self._ttl_ms = int(o.stream_ttl * 1000)
-        self._sha = b""
         self._script_args = b""  # sha, numkeys, op, namespace, maxlen: packed
         # The open batch: packed (retain, topic, body) triples, their QoS 1 publishes, bytes.
         self._parts: list[bytes] = []
@@ -72,22 +80,65 @@ class Publishing(RedisBase):
         self._noscript: list[_Batch] = []  # refused for NOSCRIPT: sent again once reloaded
         self._noscript_task: asyncio.Task[None] | None = None
         self._topic_heads: dict[str, bytes] = {}
+        self._reported_failure = False
+        # The command connection while the transport is connected and open (`state_changed`
+        # keeps it current): the one check on the hot path.
+        self._live: RespConnection | None = None
+        self._max_inflight = o.max_inflight
         # A quarter of the in-flight window per call: later calls run while the publisher waits.
         self._batch_max = max(1, min(_BATCH_MAX, o.max_inflight // 4))
 
-    def _set_sha(self, sha: bytes) -> None:
-        self._sha = sha
+    def set_sha(self, sha: bytes) -> None:
         self._script_args = (
             _bulk(sha) + _bulk(b"0") + _bulk(b"p") + _bulk(self._prefix) + _bulk(self._maxlen)
         )
 
-    # -- the open batch (the send hot path calls `_enqueue`) -------------------------------------
+    # -- the send hot path -----------------------------------------------------------------------
+
+    def send(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+        reply_to: str | None = None,
+    ) -> Awaitable[None] | None:
+        """Hand one publish over; QoS 1 returns a future settled once Redis replied.
+
+        ``reply_to`` travels in the envelope only (Redis has no native reply subjects).
+
+        Raises:
+            PublishError: Redis refused it (QoS 1), or the offline buffer is full (QoS 1).
+            ConnectionLost: disconnected and ``reconnect`` is off.
+        """
+        cmd = self._live
+        if cmd is not None:
+            if qos:
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._enqueue(topic, data, retain, _Out(topic, data, qos, retain, fut))
+                return fut
+            self._enqueue(topic, data, retain, None)
+            if self._inflight >= self._max_inflight or cmd.write_paused:
+                return self._backpressure(cmd)
+            return None
+        if self.t._closed:
+            raise BusClosed("the Redis transport is closed")
+        self._offline.hold(_Out(topic, data, qos, retain), reconnecting=self._opts.net.reconnect)
+        return None
+
+    async def _backpressure(self, cmd: RespConnection) -> None:
+        """Wait while too many replies are outstanding or the socket's buffer is full."""
+        if self._inflight >= self._opts.max_inflight:
+            await self._wait_capacity(cmd)
+        if cmd.write_paused:
+            await cmd.wait_writable()
 
     def _enqueue(self, topic: str, data: bytes, retain: bool, out: Outgoing | None) -> None:
         """Add one publish to the open batch (sent at the end of this loop iteration)."""
         parts = self._parts
         if not parts:
-            cmd = self._cmd
+            cmd = self.links.cmd
             if cmd is not None:
                 cmd.schedule_flush()
         if out is not None:
@@ -106,14 +157,14 @@ class Publishing(RedisBase):
         self._inflight += 1
         self._parts_size += len(data)
         if self._parts_size >= _BATCH_BYTES or len(parts) >= self._batch_max:
-            self._seal()
+            self.seal()
 
-    def _seal(self) -> None:
+    def seal(self) -> None:
         """Send the open batch as one script call (the connection's ``before_write`` hook)."""
         parts = self._parts
-        cmd = self._cmd
+        cmd = self.links.cmd
         if not parts or cmd is None or cmd.lost:
-            return  # nothing, or `_take_inflight` takes them with the lost connection
+            return  # nothing, or `take_inflight` takes them with the lost connection
         self._parts, outs, self._part_outs, self._parts_size = [], self._part_outs, [], 0
         batch = _Batch(next(self._batch_seq), len(parts), b"".join(parts), outs)
         if self._noscript:
@@ -146,7 +197,7 @@ class Publishing(RedisBase):
     def _unanswered(self) -> tuple[list[Outgoing], int]:
         """Take every publish not answered yet: its QoS 1 ones in order, and how many QoS 0."""
         batches: list[_Batch] = []
-        cmd = self._cmd
+        cmd = self.links.cmd
         if cmd is not None:
             batches += [w for w in cmd.take_waiters() if type(w) is _Batch]
         batches += self._noscript
@@ -160,17 +211,17 @@ class Publishing(RedisBase):
         outs = [out for batch in batches for _, out in batch.outs]
         return outs, sum(batch.n for batch in batches) - len(outs)
 
-    def _take_inflight(self) -> None:
+    def take_inflight(self) -> None:
         """Requeue QoS 1 publishes the lost connection never answered; count lost QoS 0 ones."""
         requeue, lost_qos0 = self._unanswered()
         if lost_qos0:
             # Their fate is unknown (Redis may have run them): counted, never resent twice.
-            self.stats.drop(DropReason.DISCONNECTED, lost_qos0)
+            self._stats.drop(DropReason.DISCONNECTED, lost_qos0)
         self._offline.requeue(requeue)
 
     # -- replies ---------------------------------------------------------------------------------
 
-    def _on_reply(self, waiter: Any, reply: Any) -> None:
+    def on_reply(self, waiter: Any, reply: Any) -> None:
         """The reply to a publish script call (a `_Batch`): settle its QoS 1 publishes."""
         if type(waiter) is not _Batch:
             return
@@ -186,7 +237,7 @@ class Publishing(RedisBase):
                 self._inflight += waiter.n
                 self._noscript.append(waiter)
                 if self._noscript_task is None or self._noscript_task.done():
-                    self._noscript_task = self._spawn(self._resend_noscript(), "reload-script")
+                    self._noscript_task = self.t._spawn(self._resend_noscript(), "reload-script")
                 return
             failed = dict.fromkeys(range(1, waiter.n + 1), str(reply))
         else:  # [index, error, ...]: those failed, the others ran
@@ -199,7 +250,7 @@ class Publishing(RedisBase):
             if text is None:
                 out.settle()
                 continue
-            error = errors.publish_refused(self.url.endpoint(), out.topic, text)
+            error = errors.publish_refused(self._endpoint, out.topic, text)
             if out.future is None or out.future.done():  # resent from the buffer: nobody waits
                 self._publish_failed(error)
             out.settle(error)
@@ -208,43 +259,37 @@ class Publishing(RedisBase):
 
     def _publish_failed(self, error: BaseException) -> None:
         """Count a publish nobody waits for that Redis refused; log the first one."""
-        self.stats.drop(DropReason.PUBLISH_FAILED)
+        self._stats.drop(DropReason.PUBLISH_FAILED)
         if not self._reported_failure:
             self._reported_failure = True
             log.warning(
                 "%s refused a publish (counted in stats().dropped['publish_failed']; "
                 "further failures are not logged): %s",
-                self.url.endpoint(),
+                self._endpoint,
                 error,
             )
 
-    def _on_orphan(self, error: ReplyError) -> None:
+    def on_orphan(self, error: ReplyError) -> None:
         """An error reply to a command nobody awaited (a barrier, a route left on close)."""
-        self.stats.drop(DropReason.PUBLISH_FAILED)
+        self._stats.drop(DropReason.PUBLISH_FAILED)
         if error.code == "NOSCRIPT":
-            self._spawn(self._reload_script_logged(), "reload-script")
+            self.t._spawn(self._reload_script_logged(), "reload-script")
         if not self._reported_failure:
             self._reported_failure = True
             log.warning(
                 "%s refused a command (counted in stats().dropped['publish_failed']; "
                 "further failures are not logged): %s",
-                self.url.endpoint(),
+                self._endpoint,
                 error,
             )
 
     # -- the script ------------------------------------------------------------------------------
 
-    async def _reload_script(self) -> None:
-        cmd = self._cmd
-        if cmd is not None and not cmd.lost:
-            with_sha = await cmd.call(b"SCRIPT", b"LOAD", SCRIPT)
-            self._set_sha(with_sha)
-
     async def _reload_script_logged(self) -> None:
         try:
-            await self._reload_script()
+            await self.links.reload_script()
         except (RespLost, ReplyError) as exc:
-            log.info("loading the script on %s again failed: %s", self.url.endpoint(), exc)
+            log.info("loading the script on %s again failed: %s", self._endpoint, exc)
 
     async def _resend_noscript(self) -> None:
         """Load the script again (SCRIPT FLUSH, a restart), then send the refused batches again.
@@ -252,47 +297,74 @@ class Publishing(RedisBase):
         Batches sealed meanwhile wait behind them, so the order of publishes holds.
         """
         try:
-            await self._reload_script()
+            await self.links.reload_script()
         except RespLost:
-            return  # `_take_inflight` takes the batches with the lost connection
+            return  # `take_inflight` takes the batches with the lost connection
         except ReplyError as exc:
             batches, self._noscript = self._noscript, []
             for batch in batches:
-                self._on_reply(batch, ReplyError(f"loading the script failed: {exc}"))
+                self.on_reply(batch, ReplyError(f"loading the script failed: {exc}"))
             return
-        cmd = self._cmd
+        cmd = self.links.cmd
         if cmd is None or cmd.lost:
             return
-        self._seal()  # the open batch joins the queue (it is not empty), so the sends below
+        self.seal()  # the open batch joins the queue (it is not empty), so the sends below
         # cannot let it through first (`send` seals through `before_write`)
         batches, self._noscript = sorted(self._noscript, key=lambda b: b.seq), []
         for batch in batches:
             cmd.send(self._batch_command(batch), batch)
 
-    def _script_packed(self, op: bytes, *args: bytes) -> bytes:
-        return pack(b"EVALSHA", self._sha, b"0", op, self._prefix, *args)
+    # -- the rest of the `Publisher` part --------------------------------------------------------
 
-    async def _script(self, op: bytes, *args: bytes, ns: bytes | None = None) -> Any:
-        """Run one script operation on the command connection (reloading it once if needed).
-
-        ``ns`` is the script namespace; the standalone server has one, the key prefix.
+    async def flush(self, timeout: float) -> None:
+        """Wait until everything published so far was answered by Redis.
 
         Raises:
-            ConnectionLost: not connected, or the connection dropped before the reply.
-            ReplyError: Redis refused it.
+            TimeoutError: not done within ``timeout`` seconds.
         """
-        for attempt in (1, 2):
-            cmd = self._cmd
-            if cmd is None or cmd.lost:
-                raise errors.not_connected(self.url.endpoint())
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            cmd.send(self._script_packed(op, *args), fut)
-            try:
-                return await fut
-            except ReplyError as exc:
-                if exc.code != "NOSCRIPT" or attempt == 2:
-                    raise
-                await self._reload_script()
-            except RespLost as exc:
-                raise errors.lost(exc) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
+        t = self.t
+        async with asyncio.timeout(timeout):
+            while not t._closed:
+                await t._up.wait()
+                cmd = self.links.cmd
+                try:
+                    if cmd is None:
+                        raise RespLost("no command connection")
+                    await cmd.call(b"PING")  # replies come in order: all earlier ones arrived
+                except RespLost:
+                    # Until the supervisor noticed, `_up` and `lost` are both set and waiting
+                    # on them would not yield: wait for the state change itself.
+                    await t.wait_disconnected()
+                    continue
+                reload = self._noscript_task
+                if reload is None or reload.done():
+                    return
+                await asyncio.wait({reload})  # refused calls go again: PING after them
+
+    def start(self) -> None:
+        """Nothing runs in the background: publishes go out as the loop iteration ends."""
+
+    def state_changed(self) -> None:
+        """Send straight to the command connection only while connected and open."""
+        t = self.t
+        self._live = self.links.cmd if t._connected and not t._closed else None
+
+    def resend_offline(self) -> None:
+        offline = self._offline
+        while offline:
+            out = offline.popleft()
+            self._enqueue(out.topic, out.data, out.retain, out if out.qos else None)
+
+    def fail_offline(self, error: BaseException) -> None:
+        self._offline.fail_all(error)
+
+    async def drain(self) -> None:
+        """Nothing is queued outside the connection (its final PING waits for the replies)."""
+
+    async def stop(self, error: BaseException) -> None:
+        """Settle what the closed connection never answered (normally nothing)."""
+        unanswered, lost_qos0 = self._unanswered()
+        if lost_qos0:
+            self._stats.drop(DropReason.DISCONNECTED, lost_qos0)
+        for out in unanswered:
+            out.settle(error)

@@ -26,6 +26,9 @@ import hiredis
 
 __all__ = ["ReplyError", "RespConnection", "RespLost", "pack"]
 
+#: Seconds a TLS handshake may take (rediss://); on loopback or a LAN it takes milliseconds.
+TLS_HANDSHAKE_TIMEOUT = 3.0
+
 _FLUSH_BYTES = 256 * 1024  # write at once when this much is buffered
 _WRITE_HIGH = 4 * 1024 * 1024  # asyncio write-buffer high-water mark
 
@@ -164,6 +167,9 @@ class RespConnection:
             port,
             ssl=tls,
             server_hostname=(server_hostname or host) if tls is not None else None,
+            # A plain Redis never answers a ClientHello (it waits for the rest of an inline
+            # command): fail in seconds, not at the whole connect timeout.
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls is not None else None,
         )
         sock = transport.get_extra_info("socket")
         if sock is not None:

@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING
 from cascade_bus import ConnectionLost
 from cascade_bus.spi import Message, MessageSink, topic_matches
 
-from ._connection import log
+from ._connection import RedisBase, log
 from ._inbound import decode_topic, parse_seq
-from ._publishing import Publishing
 from ._resp import ReplyError, RespLost
 from ._topics import scan_glob
 
@@ -86,10 +85,27 @@ class _Sub:
         return self.sink.deliver(Message(topic, data, None, qos=self.qos, ack=ack))
 
 
-class Retained(Publishing):
+class Retained(RedisBase):
     """Snapshots of the retained hash and their merge with the live window."""
 
-    async def _snapshot(
+    async def _snapshot(self, pattern: str) -> dict[str, tuple[int, bytes]]:
+        """Retained messages matching ``pattern``, with sequences (from every namespace)."""
+        return await self._links.snapshot(pattern)
+
+    async def _subscribe_pubsub(self, sub: _Sub) -> None:
+        """Subscribe live (held in the window), read the snapshot, barrier, then deliver."""
+        sub.window = deque()
+        self._subs.add(sub)
+        try:
+            await self._links.listen(sub)
+            snapshot = await self._snapshot(sub.pattern)
+            await self._links.barrier(sub)
+        except BaseException:
+            await self._remove(sub)
+            raise
+        await self._drain_window(sub, snapshot, resync=False)
+
+    async def _read_retained(
         self, pattern: str, ns: bytes | None = None
     ) -> dict[str, tuple[int, bytes]]:
         """Read the retained messages matching ``pattern`` (in namespace ``ns``) with sequences.
@@ -176,7 +192,7 @@ class Retained(Publishing):
             return
         try:
             snapshots = await asyncio.gather(*(self._snapshot(s.pattern) for s in subs))
-            await self._barrier()
+            await self._links.barrier()
         except BaseException:
             for sub in subs:
                 await self._drain_window(sub, {}, resync=False)

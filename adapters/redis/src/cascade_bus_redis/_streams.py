@@ -38,13 +38,9 @@ class Streams(Acks):
         self._stream_names: dict[str, int] = {}
         self._queue_consumers = itertools.count(1)
 
-    def _namespace(self, pattern: str) -> bytes:
-        """The script namespace of a stream subscription's pattern (standalone: the prefix)."""
-        return self._prefix
-
     def _stream_for(self, sub: _Sub) -> _Stream:
         o = self._opts
-        ns = self._namespace(sub.pattern)
+        ns = self._links.namespace(sub.pattern)
         if sub.queue is not None:
             key = ns + f"q:{sub.queue}/{sub.pattern}".encode()
             consumer = f"{o.client_id}:{next(self._queue_consumers)}"
@@ -99,8 +95,7 @@ class Streams(Acks):
             if replay:
                 snapshot = await self._snapshot(sub.pattern)
                 token = b"%s:%d" % (self._id.encode(), next(self._tokens))
-                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                stream.barriers[token] = fut
+                fut = stream.barriers.add(token)
                 await self._call(b"XADD", stream.key, b"*", b"b", token)
                 await fut
         except BaseException:
@@ -132,7 +127,7 @@ class Streams(Acks):
                 try:
                     if conn is None or conn.lost:
                         await self._wait_up()
-                        conn = stream.conn = await self._open_stream(stream)
+                        conn = stream.conn = await self._links.open_stream(stream)
                         await self._read_pending(sub, stream, conn, count)
                         delays = None
                     if not ready.done():
@@ -168,13 +163,13 @@ class Streams(Acks):
                     delays = delays or backoff()
                     await asyncio.sleep(next(delays))
                 except ReplyError as exc:
-                    if exc.code in self._RETRY_CODES:
+                    if exc.code in self._links.retry_codes:
                         # Redis Cluster: the slot moved or the cluster is (re)configuring.
                         log.info("%s: %s; reconnecting the stream", stream.key.decode(), exc)
                         if stream.conn is not None:
                             stream.conn.abort()
                         stream.conn = None
-                        await self._on_redirect(exc)
+                        await self._links.on_redirect(exc)
                         delays = delays or backoff()
                         await asyncio.sleep(next(delays))
                         continue
@@ -197,13 +192,6 @@ class Streams(Acks):
         finally:
             if sub.closed and stream.conn is not None:
                 stream.conn.abort()
-
-    async def _open_stream(self, stream: _Stream) -> RespConnection:
-        """Open the connection a stream subscription reads on (standalone: the server)."""
-        return await self._open("stream")
-
-    async def _on_redirect(self, error: ReplyError) -> None:
-        """A stream command was redirected (Redis Cluster: MOVED, ASK...); standalone: never."""
 
     async def _read_pending(
         self, sub: _Sub, stream: _Stream, conn: RespConnection, count: bytes
@@ -259,4 +247,4 @@ class Streams(Acks):
                 except (ConnectionLost, ReplyError) as exc:
                     log.debug("removing the route %r: %r", stream.key, exc)
             return
-        await self._remove_pubsub(sub)
+        await self._links.unlisten(sub)

@@ -1,24 +1,25 @@
 """The Redis transport: pub/sub for QoS 0, Streams for QoS 1 and queue groups, a hash for retained.
 
-One pipelined command connection (publishes batched into EVALSHA calls of ``_script.py``), one
-pub/sub connection, one connection per stream reader; retained messages handed over race-free
-(window, snapshot, barrier) and resynced after a reconnect. Layers: ``_connection`` ->
-``_publishing`` -> ``_retained`` -> ``_pubsub`` -> ``_acks`` -> ``_streams`` -> this module
-(connect, the `Supervisor`'s steps, heartbeat, close, the send hot path); ``_errors``
-translates. How and why: docs/transports/redis.md ("How it works", "Retained messages").
+One transport class for a standalone server and for Redis Cluster: it composes a `Links` part
+(``_node_links``: one command and one pub/sub connection; ``_cluster_*``: the cluster client and
+a pub/sub link per master) and a `Publisher` part (``_publishing``: publishes batched into
+EVALSHA calls of ``_script.py``; ``_cluster_publish``: cluster pipelines from a sender task).
+Written once, over those parts: retained windows and resync (``_retained``), stream routes,
+readers and acks (``_streams``, ``_acks``), and here connect, the `Supervisor`'s steps,
+heartbeat and close; ``_errors`` translates. How and why: docs/transports/redis.md ("How it
+works", "Retained messages").
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
 from cascade_bus import BusClosed, ConnectionLost
 from cascade_bus.spi import (
     BusURL,
     Capabilities,
-    DropReason,
     MessageSink,
     Supervisor,
     TransportSubscription,
@@ -26,15 +27,25 @@ from cascade_bus.spi import (
 
 from . import _errors as errors
 from ._connection import log
-from ._publishing import _Out
+from ._links import Links, Publisher
+from ._node_links import NodeLinks
+from ._options import DEFAULT_MAX_PAYLOAD
+from ._presence import RedisPresence
+from ._publishing import BatchPublisher
 from ._resp import ReplyError, RespLost
 from ._retained import _Sub
-from ._script import SCRIPT
 from ._streams import Streams
 
 __all__ = ["RedisTransport"]
 
 _CONNECT_TIMEOUT = 10.0
+
+
+def node_parts(transport: RedisTransport) -> tuple[Links, Publisher]:
+    """A standalone server's parts: command + pub/sub connections, batched script calls."""
+    links = NodeLinks(transport)
+    links.publisher = publisher = BatchPublisher(transport, links)
+    return links, publisher
 
 
 class _Handle(TransportSubscription):
@@ -48,7 +59,7 @@ class _Handle(TransportSubscription):
         await self.transport._remove(self.sub)
 
 
-class RedisTransport(Streams):
+class RedisTransport(RedisPresence, Streams):
     """``redis://[user:pass@]host[:6379][/db]`` and ``rediss://`` (TLS).
 
     Options (URL query or keyword): ``db`` (or the URL path), ``username``/``password`` (or the
@@ -75,153 +86,140 @@ class RedisTransport(Streams):
         queue_groups=True,
         request_reply=True,
         will=False,
+        presence=True,  # leases swept by surviving buses (_presence.py)
         persistence=False,
         ordering=True,
-        max_payload=None,
-        emulated=frozenset({"retain", "qos1", "queue_groups"}),
+        max_payload=DEFAULT_MAX_PAYLOAD,  # the default of the max_payload option
+        emulated=frozenset({"retain", "qos1", "queue_groups", "presence"}),
     )
     package: ClassVar[str] = "cascade-bus-redis"
 
+    #: Builds the composed parts (`Links`, `Publisher`): here a standalone server's.
+    _compose: ClassVar[Callable[[RedisTransport], tuple[Links, Publisher]]] = staticmethod(
+        node_parts
+    )
+
     def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
         super().__init__(url, options)
+        self._links, self._publisher = type(self)._compose(self)
+        # The hot path is the publisher's own method, bound once (no wrapper per message).
+        self.send = self._publisher.send  # type: ignore[method-assign]
         self._supervisor = Supervisor(self, self, self._opts.net)
+
+    def send(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        headers: Mapping[str, str] | None,
+        reply_to: str | None = None,
+    ) -> Awaitable[None] | None:
+        """Hand one publish over; QoS 1 returns a future settled once Redis ran it.
+
+        Replaced by the publisher's ``send`` at construction. ``reply_to`` travels in the
+        envelope only (Redis has no native reply subjects).
+
+        Raises:
+            PublishError: Redis refused it (QoS 1), or the offline buffer is full (QoS 1).
+            ConnectionLost: disconnected and ``reconnect`` is off.
+        """
+        return self._publisher.send(topic, data, qos, retain, headers, reply_to)
 
     # -- connecting ------------------------------------------------------------------------------
 
-    async def _open_main(self) -> None:
-        """Open the command and pub/sub connections, load the script, (re)subscribe."""
-        self._lost = lost = asyncio.Event()
-
-        def on_lost(exc: BaseException | None) -> None:
-            lost.set()
-            if lost is self._lost:  # not an older pair's late callback
-                # A resync waiting on a barrier of this pair would otherwise wait for ever
-                # (the supervisor fails them only once it runs again).
-                self._fail_sync(ConnectionLost(f"lost the connection to {self.url.endpoint()}"))
-
-        cmd = await self._open(
-            "commands", on_reply=self._on_reply, on_orphan=self._on_orphan, on_lost=on_lost
-        )
-        try:
-            sha = await cmd.call(b"SCRIPT", b"LOAD", SCRIPT)
-            self._set_sha(sha)
-            pubsub = await self._open(
-                "pubsub", on_push=self._on_push, on_push_error=self._push_failed, on_lost=on_lost
-            )
-        except ReplyError as exc:
-            cmd.abort()
-            raise errors.script_refused(self.url.endpoint(), exc) from exc
-        except BaseException:
-            cmd.abort()
-            raise
-        self._cmd, self._pubsub = cmd, pubsub
-        cmd.before_write = self._seal
-        self._seq = self._seq_channel = None
-        try:
-            await self._pubsub_sync(self._resubscribe_commands())
-        except BaseException:
-            cmd.abort()
-            pubsub.abort()
-            raise
-
     async def connect(self) -> None:
-        """Connect both connections, load the script and start the supervisor and heartbeat.
+        """Connect, load the script and start the supervisor, heartbeat (and sender).
 
         Raises:
             ConnectError: unreachable server, refused credentials or database (no password
-                shown).
+                shown), or a Redis Cluster that is down.
         """
-        await self._open_main()
+        try:
+            await self._links.open()
+        except BaseException:
+            await self._links.close()
+            raise
         self._set_connected(True)
         self._supervisor_task = self._spawn(self._supervisor.run(), "supervisor")
         self._heartbeat_task = self._spawn(self._heartbeat(), "heartbeat")
+        self._publisher.start()
+
+    def _set_connected(self, up: bool) -> None:
+        super()._set_connected(up)
+        self._publisher.state_changed()
 
     # -- the steps the kit's Supervisor drives (`Reconnectable`) ----------------------------------
 
     async def wait_lost(self) -> BaseException | None:
         """Return once a connection dropped; its dead connections are dropped with it."""
-        await self._lost.wait()
-        return self._abort_connections()
+        await self._links.lost.wait()
+        return self._links.abort()
 
     async def on_lost(self, cause: BaseException | None) -> None:
         """Requeue the unanswered QoS 1 publishes, fail every barrier and PING waiting."""
-        self._take_inflight()
+        self._publisher.take_inflight()
         self._fail_sync(ConnectionLost(f"lost the connection to {self.url.endpoint()}"))
 
     async def reopen(self) -> None:
         """Reconnect, reload the script and renew every pub/sub subscription."""
         try:
             async with asyncio.timeout(_CONNECT_TIMEOUT):
-                await self._open_main()
+                await self._links.open()
         except (RespLost, ReplyError) as exc:
             raise errors.lost(exc) from exc
-        if self._lost.is_set():  # lost again at once
+        if self._links.lost.is_set():  # lost again at once
             raise ConnectionLost(f"lost the connection to {self.url.endpoint()} again")
 
     async def abandon(self) -> None:
         """Drop the connections a failed attempt opened."""
-        self._abort_connections()
+        self._links.abort()
 
     async def restore(self) -> None:
         """Resend what was held, send the pending acks, resync retained state."""
         subs = self._open_windows()  # before anything renewed can be delivered
-        self._resend_offline()
+        self._publisher.resend_offline()
         self._set_connected(True)  # publishes during the resync go straight out
         self._schedule_acks()
         await self._resync_logged(subs)
 
     async def give_up(self, cause: BaseException | None) -> None:
         """``reconnect`` is off: every held publish fails."""
-        self._fail_offline(ConnectionLost(f"lost the connection to {self.url.endpoint()}"))
+        self._publisher.fail_offline(
+            ConnectionLost(f"lost the connection to {self.url.endpoint()}")
+        )
 
     def _fail_sync(self, error: BaseException) -> None:
-        for table in (self._barriers, self._pongs):
-            for fut in table.values():
-                if not fut.done():
-                    fut.set_exception(error)
-                    fut.exception()
-            table.clear()
+        """Fail every barrier and PING waiting (the connections they wait on are gone)."""
+        self._links.fail_sync(error)
         for sub in self._subs:
             if sub.stream is not None:
-                for fut in sub.stream.barriers.values():
-                    if not fut.done():
-                        fut.set_exception(error)
-                        fut.exception()
-                sub.stream.barriers.clear()
-
-    def _fail_offline(self, error: BaseException) -> None:
-        self._offline.fail_all(error)
-
-    def _resend_offline(self) -> None:
-        offline = self._offline
-        while offline:
-            out = offline.popleft()
-            self._enqueue(out.topic, out.data, out.retain, out if out.qos else None)
+                sub.stream.barriers.fail_all(error)
 
     async def _heartbeat(self) -> None:
-        """PING both connections and refresh stream routes; a silent connection is dropped."""
+        """PING every connection and refresh stream routes; a silent connection is dropped."""
         o = self._opts
         interval = max(0.05, min(o.health_check_interval, o.stream_ttl / 3))
+        links = self._links
         while not self._closing:
             await asyncio.sleep(interval)
-            cmd, pubsub = self._cmd, self._pubsub
-            if not self._connected or cmd is None or pubsub is None:
+            if not self._connected or not links.ready():
                 continue
             try:
                 async with asyncio.timeout(max(interval, 2.0)):
-                    waits: list[Awaitable[Any]] = [cmd.call(b"PING"), self._ping_pubsub()]
+                    waits = links.pings()
                     for sub in list(self._subs):
                         if sub.stream is not None and not sub.closed:
                             waits.append(self._register(sub.stream))
                     await asyncio.gather(*waits)
             except TimeoutError:
                 log.warning("%s did not answer a PING; reconnecting", self.url.endpoint())
-                cmd.abort()
-                pubsub.abort()
+                links.abort()
             except (RespLost, ConnectionLost):
                 pass
             except ReplyError as exc:
                 log.warning("heartbeat on %s failed: %s", self.url.endpoint(), exc)
+            links.after_heartbeat()
 
     async def aclose(self) -> None:
         """Ack what was handled, drop this bus's own QoS 1 streams, disconnect. Idempotent."""
@@ -229,7 +227,9 @@ class RedisTransport(Streams):
             return
         self._closing = self._supervisor.closing = True
         self._closed = True
-        tasks = [t for t in (self._supervisor_task, self._heartbeat_task, self._flow.task) if t]
+        self._publisher.state_changed()  # no more publishes from here on
+        tasks = [t for t in (self._supervisor_task, self._heartbeat_task) if t]
+        tasks += self._links.tasks()
         for sub in list(self._subs):
             sub.closed = True
             if sub.stream is not None and sub.stream.task is not None:
@@ -237,98 +237,39 @@ class RedisTransport(Streams):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        cmd = self._cmd
-        if cmd is not None and self._connected and not cmd.lost:
-            self._flush_acks()
-            for sub in list(self._subs):
-                stream = sub.stream
-                if stream is not None and (stream.delete_on_close or stream.queue is not None):
-                    cmd.send(self._script_packed(*self._leave_args(stream)), None)
+        if self._connected and self._links.ready():
+            leaves = [
+                (stream.ns, self._leave_args(stream))
+                for stream in (sub.stream for sub in list(self._subs))
+                if stream is not None and (stream.delete_on_close or stream.queue is not None)
+            ]
             try:
                 async with asyncio.timeout(2.0):
-                    await cmd.call(b"PING")
-            except (TimeoutError, RespLost, ReplyError) as exc:
-                log.debug("final PING to %s: %r", self.url.endpoint(), exc)
+                    await self._publisher.drain()
+                    self._flush_acks()
+                    await self._links.leave(leaves)
+            except (TimeoutError, ConnectionLost, ReplyError, RespLost) as exc:
+                log.debug("closing %s: %r", self.url.endpoint(), exc)
+        closed = BusClosed("the Redis transport was closed")
+        await self._publisher.stop(closed)  # normally nothing left: the leave waited for it
         for sub in list(self._subs):
             if sub.stream is not None and sub.stream.conn is not None:
                 sub.stream.conn.abort()
         self._subs.clear()
-        for conn in (self._cmd, self._pubsub):
-            if conn is not None:
-                await conn.aclose()
+        await self._links.close()
         self._set_connected(False)
-        self._lost.set()
-        self._fail_sync(BusClosed("the Redis transport was closed"))
-        closed = BusClosed("the Redis transport was closed")
-        unanswered, lost_qos0 = self._unanswered()  # normally none: the final PING came back
-        if lost_qos0:
-            self.stats.drop(DropReason.DISCONNECTED, lost_qos0)
-        for out in unanswered:
-            out.settle(closed)
-        self._fail_offline(closed)
+        self._links.lost.set()
+        self._fail_sync(closed)
+        self._publisher.fail_offline(closed)
         await self._tasks.aclose(timeout=2.0)
 
-    # -- publishing (the hot path) ---------------------------------------------------------------
-
-    async def publish(
-        self,
-        topic: str,
-        data: bytes,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """Publish; QoS 1 returns once Redis replied (or the message is in the offline buffer).
-
-        Raises:
-            PublishError: Redis refused it (QoS 1), or the offline buffer is full (QoS 1).
-            ConnectionLost: disconnected and ``reconnect`` is off.
-        """
-        if self._closed:
-            raise BusClosed("the Redis transport is closed")
-        cmd = self._cmd
-        if self._connected and cmd is not None:
-            if qos:
-                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                self._enqueue(topic, data, retain, _Out(topic, data, qos, retain, fut))
-                await fut
-                return
-            self._enqueue(topic, data, retain, None)
-            if self._inflight >= self._opts.max_inflight:
-                await self._wait_capacity(cmd)
-            if cmd.write_paused:
-                await cmd.wait_writable()
-            return
-        self._buffer(topic, data, qos, retain)
-
-    def _buffer(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
-        """Disconnected: hold the publish (the kit's one policy for a full buffer)."""
-        self._offline.hold(_Out(topic, data, qos, retain), reconnecting=self._opts.net.reconnect)
-
     async def flush(self, timeout: float) -> None:
-        """Wait until everything published so far was answered by Redis.
+        """Wait until everything published so far was run by Redis (or counted as lost).
 
         Raises:
             TimeoutError: not done within ``timeout`` seconds.
         """
-        async with asyncio.timeout(timeout):
-            while not self._closed:
-                await self._up.wait()
-                cmd = self._cmd
-                try:
-                    if cmd is None:
-                        raise RespLost("no command connection")
-                    await cmd.call(b"PING")  # replies come in order: all earlier ones arrived
-                except RespLost:
-                    # Until the supervisor noticed, `_up` and `_lost` are both set and waiting
-                    # on them would not yield: wait for the state change itself.
-                    await self.wait_disconnected()
-                    continue
-                reload = self._noscript_task
-                if reload is None or reload.done():
-                    return
-                await asyncio.wait({reload})  # refused calls go again: PING after them
+        await self._publisher.flush(timeout)
 
     # -- subscribing -----------------------------------------------------------------------------
 
@@ -345,9 +286,12 @@ class RedisTransport(Streams):
         QoS 0 without a queue: pub/sub. QoS 1, or any queue group: a stream route.
 
         Raises:
+            UnsupportedFeature: Redis Cluster, ``qos=1`` or ``queue=`` with a pattern whose
+                wildcards cover the shard key.
             SubscribeError: Redis refused the subscription.
             ConnectionLost: the connection dropped while subscribing.
         """
+        self._links.check_subscribe(pattern, qos, queue)
         await self._wait_up()
         sub = _Sub(pattern, sink, 1 if qos else 0, queue)
         try:
