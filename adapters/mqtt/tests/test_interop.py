@@ -126,7 +126,7 @@ async def test_connector_publish_is_read_by_mosquitto_sub(
     _, sub = mosquitto_clients
     host, port = broker
     topic = f"{unique_topic}/to-cli"
-    connector = Connector(f"{mqtt_url}?version={version}")
+    connector = Connector(f"{mqtt_url}?version={version}", presence=False)
     await connector.connect()
     try:
         async with MosquittoSub(sub, host, port, topic, version) as cli:
@@ -144,7 +144,7 @@ async def test_connector_publish_is_read_by_bare_aiomqtt(mqtt_url, broker, uniqu
     topic = f"{unique_topic}/to-aiomqtt"
     v5 = version == "5"
     protocol = aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311
-    connector = Connector(mqtt_url, version=version)
+    connector = Connector(mqtt_url, version=version, presence=False)
     await connector.connect()
     try:
         async with asyncio.timeout(10), aiomqtt.Client(host, port, protocol=protocol) as bare:
@@ -179,7 +179,7 @@ async def test_empty_retained_from_mosquitto_pub_clears(
                 changed.clear()
                 await changed.wait()
 
-    live = Connector(mqtt_url, version=version)
+    live = Connector(mqtt_url, version=version, presence=False)
     await live.connect()
     try:
         await live.subscribe(topic, callback)

@@ -112,7 +112,9 @@ async def test_connector_gets_the_clear_as_an_empty_dict(
     for name in "abc":
         await writer.publish(f"{base}/{name}", {"v": 1}, qos=1, retain=True)
 
-    connector = cascade_bus.Connector(proxy.url_for("mqtt"), version=version, **kit.FAST_RECONNECT)
+    connector = cascade_bus.Connector(
+        proxy.url_for("mqtt"), version=version, presence=False, **kit.FAST_RECONNECT
+    )
     got: list[tuple[str, dict[str, Any]]] = []
     changed = asyncio.Event()
 

@@ -71,7 +71,7 @@ async def test_plain_client_bare_json_reaches_a_bus_subscriber(
 async def test_connector_output_is_read_by_a_plain_client_as_the_same_dict(
     plain, nats_url, unique_topic
 ):
-    connector = Connector(nats_url)
+    connector = Connector(nats_url, presence=False)
     await connector.connect()
     try:
         event = {"run": "r1", "task": "extract", "attempt": 1, "state": "running", "n": 2.5}

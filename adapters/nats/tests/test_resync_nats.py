@@ -175,10 +175,10 @@ async def test_a_run_resumed_during_the_outage_resumes_through_the_connector(
 ):
     """Cascade's engine: a constraint cleared while it was cut off arrives as ``{}``."""
     base = f"cascade/constraints/{unique_topic.replace('/', '-')}"
-    controller = cascade_bus.Connector(nats_url)
+    controller = cascade_bus.Connector(nats_url, presence=False)
     await controller.connect()
     proxy = await tcp_proxy(nats_url)
-    engine = cascade_bus.Connector(proxy.url_for("nats"), **kit.FAST_RECONNECT)
+    engine = cascade_bus.Connector(proxy.url_for("nats"), presence=False, **kit.FAST_RECONNECT)
     calls: list[tuple[str, dict[str, Any]]] = []
     changed = asyncio.Event()
 

@@ -36,7 +36,7 @@ async def test_connector_output_is_the_same_dict_for_a_plain_client(redis_url, p
     client = aredis.Redis.from_url(redis_url, protocol=2)
     pubsub = client.pubsub()
     await pubsub.psubscribe(f"{prefix}/*")
-    connector = Connector(redis_url)
+    connector = Connector(redis_url, presence=False)
     await connector.connect()
     sent = {"run": "r1", "task": "t", "state": "succeeded", "attempt": 2, "x": [1.5, None]}
     try:
