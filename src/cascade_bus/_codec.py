@@ -207,7 +207,10 @@ class Codec:
         if env.retained:  # how it was received, not part of the message
             env = msgspec.structs.replace(env, retained=False)
         try:
-            body = (encode_msgpack if fmt == "msgpack" else encode_json)(env)
+            if fmt != "msgpack" and not env.headers and type(env.payload) is not bytes:
+                body = _json_encode(env)  # `encode_json`'s common case, inlined
+            else:
+                body = (encode_msgpack if fmt == "msgpack" else encode_json)(env)
         except (TypeError, ValueError, OverflowError) as exc:
             raise EncodeError(
                 f"cannot encode payload of type {type(env.payload).__name__} for topic "

@@ -34,6 +34,8 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from nats.protocol import parser as nats_parser
 
+from ._wire import MSG_ID, REVISION_HEADER, STATUS
+
 __all__ = [
     "PublicWriter",
     "Route",
@@ -48,7 +50,7 @@ __all__ = [
 log = logging.getLogger("cascade_bus.nats")
 
 #: ``route(subject, reply, payload, headers)`` for one subscription id; never raises.
-Route = Callable[[str, str, bytes, "dict[str, str] | None"], None]
+Route = Callable[[str, str, bytes, "Mapping[str, str] | None"], None]
 
 _HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # One "Name: value" line: a printable ASCII name without ':' or spaces, the value trimmed.
@@ -100,6 +102,32 @@ def parse_headers(raw: bytes) -> dict[str, str]:
         if description:
             out["Description"] = description
     return out
+
+
+# Header blocks seen again and again (a structured body's content type, a raw publisher's
+# constant attributes), parsed once: read-only mappings shared by the messages that carry them.
+_PARSED: dict[bytes, Mapping[str, str]] = {}
+#: Ids of the shared blocks (alive in ``_PARSED``) that hold no status and none of the
+#: adapter's own headers: a route hands them on as they are, without looking inside.
+PLAIN: set[int] = set()
+OWN_HEADERS = (STATUS, MSG_ID, REVISION_HEADER)
+
+
+def cached_headers(raw: bytes) -> Mapping[str, str]:
+    """`parse_headers` of a block, read-only, parsed once per distinct short block."""
+    hit = _PARSED.get(raw)
+    if hit is not None:
+        return hit
+    parsed = parse_headers(raw)
+    if len(raw) > 512:  # long blocks are rarely repeated: do not keep them
+        return parsed
+    if len(_PARSED) >= 256:
+        _PARSED.clear()
+        PLAIN.clear()
+    frozen = _PARSED[raw] = MappingProxyType(parsed)
+    if not any(name in parsed for name in OWN_HEADERS):
+        PLAIN.add(id(frozen))
+    return frozen
 
 
 def install_parser(nc: NatsClient) -> None:
@@ -214,7 +242,7 @@ class Router:
                 subject.decode(),
                 reply.decode() if reply else "",
                 data,
-                parse_headers(headers) if headers else None,
+                cached_headers(headers) if headers else None,
             )
         except Exception:  # never let one message stop the connection's read loop
             log.exception("dropped a message on %r that could not be handed over", subject)
@@ -303,19 +331,30 @@ class Writer:
             line = b"PUB %s %d\r\n" % (subject.encode(), size)
         return self._queue(line, data)
 
+    def constant_head(
+        self, subject: bytes, headers: Mapping[str, str]
+    ) -> tuple[Mapping[str, str], bytes, bytes]:
+        """For `publish_constant`: ``(headers, b"HPUB <subject> <block size> ", block)``.
+
+        Raises:
+            ValueError: a header name NATS cannot carry.
+        """
+        block = _header_block(headers, self.checked)
+        return headers, b"HPUB %s %d " % (subject, len(block)), block
+
     def publish_constant(
-        self, prefix: bytes, headers: Mapping[str, str], data: bytes
+        self, head: tuple[Mapping[str, str], bytes, bytes], data: bytes
     ) -> Awaitable[Any] | None:
-        """`publish` with the bus's constant headers, no reply; ``prefix`` is ``b"HPUB <s> "``.
+        """`publish` with constant headers and no reply, framed by a `constant_head`.
 
         Raises:
             TooLarge: body and headers exceed the server's max_payload.
         """
-        block = _header_block(headers, self.checked)
+        block = head[2]
         size = len(block) + len(data)
         if size > self.limit:
             raise TooLarge(size)
-        return self._queue(prefix + b"%d %d\r\n" % (len(block), size) + block, data)
+        return self._queue(head[1] + b"%d\r\n" % size + block, data)
 
     def publish_plain(self, prefix: bytes, data: bytes) -> Awaitable[Any] | None:
         """`publish` of a body without headers or reply; ``prefix`` is ``b"PUB <subject> "``."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -86,7 +86,7 @@ class InFlight:
         self.waiting.pop(out.token, None)
 
     def route_ack(
-        self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None
+        self, subject: str, reply: str, data: bytes, headers: Mapping[str, str] | None
     ) -> None:
         """A JetStream publish acknowledgement (or a no-responders status) on our inbox."""
         out = self.waiting.pop(subject[len(self.ack_prefix) :], None)

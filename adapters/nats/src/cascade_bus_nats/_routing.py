@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import nats.errors as nats_errors
@@ -25,7 +25,7 @@ from cascade_bus.spi import (
     encode_header_value,
 )
 
-from ._fastpath import Route, Router
+from ._fastpath import PLAIN, Route, Router
 from ._mapper import topic_from_subject
 from ._wire import ACK, INBOX, JS_ACK, ack_reply_fields, is_no_responders, split_headers
 
@@ -244,10 +244,17 @@ class Entry(TransportSubscription):
                 backlog.clear()
 
     def route_plain(
-        self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None
+        self, subject: str, reply: str, data: bytes, headers: Mapping[str, str] | None
     ) -> None:
         """A core message on the plain subject (published at QoS 0)."""
-        if headers and is_no_responders(data, headers):
+        if headers and id(headers) in PLAIN:  # a shared block without status or own headers
+            if self.wild and (subject[0] == "$" or subject.startswith(INBOX)):
+                return
+            if not reply and self.buffer is None and not self.waiting:
+                if not self.sink.deliver(Message(topic_from_subject(subject), data, headers)):
+                    self._start_drain()
+                return
+        elif headers and is_no_responders(data, headers):
             # The server's answer to one of our requests (on its reply subject, delivered to
             # the first of our plain subscriptions that matches it): nobody listens.
             self.transport._no_responders(subject)
@@ -259,8 +266,10 @@ class Entry(TransportSubscription):
             headers, rev = split_headers(headers, self.own_ids)
         if reply:
             # A plain NATS request: answering env.reply_to (bus.reply) reaches the requester.
-            headers = headers or {}
-            headers.setdefault("ce-replyto", encode_header_value(topic_from_subject(reply)))
+            headers = {
+                "ce-replyto": encode_header_value(topic_from_subject(reply)),
+                **(headers or {}),
+            }
         if rev is None:
             message = Message(topic_from_subject(subject), data, headers)
             if self.buffer is None and not self.waiting:
@@ -272,7 +281,7 @@ class Entry(TransportSubscription):
         self.feed(message, rev)
 
     def route_prefixed(
-        self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None
+        self, subject: str, reply: str, data: bytes, headers: Mapping[str, str] | None
     ) -> None:
         """A QoS-1 message seen with core NATS by a QoS-0 subscription."""
         topic = topic_from_subject(subject[self.cut :])
@@ -315,7 +324,9 @@ class Consumer:
             return min(self.unacked)
         return self.last + 1 if self.last else None
 
-    def route(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+    def route(
+        self, subject: str, reply: str, data: bytes, headers: Mapping[str, str] | None
+    ) -> None:
         if not reply.startswith(JS_ACK):
             return  # not a stream message (no heartbeats or flow control are configured)
         entry = self.entry

@@ -19,7 +19,7 @@ import nats.errors as nats_errors
 from nats.aio.client import Client as NatsClient
 from nats.js.manager import JetStreamManager
 
-from cascade_bus import BusClosed, ConnectError, InvalidTopic, SubscribeError
+from cascade_bus import BusClosed, ConnectError, SubscribeError
 from cascade_bus.spi import (
     BusURL,
     Capabilities,
@@ -42,6 +42,7 @@ from ._presence import NatsPresence
 from ._publishing import Publishing
 from ._retained import Retained
 from ._routing import Entry, nsub
+from ._subjects import Subjects
 from ._wire import DEFAULT_MAX_PAYLOAD, MAX_SUBJECT_BYTES, REVISION_HEADER, header_bytes
 from ._wire import reply_subject as _reply_subject
 
@@ -74,8 +75,10 @@ class NatsTransport(NatsPresence, NetworkTransport):
         self._router: Router | None = None  # None: nats-py's public API (see _fastpath)
         self._writer: Writer | PublicWriter
         self._max_payload = DEFAULT_MAX_PAYLOAD
-        self._pub_prefixes: dict[str, bytes] = {}
-        self._hpub_prefixes: dict[str, bytes] = {}
+        self._subjects = subjects = Subjects(opts.qos1_prefix)
+        self._subject = subjects.subject
+        self._pub_prefixes = subjects.prefixes  # the hot path's caches, by topic
+        self._hpub_heads = subjects.heads
         self._closing = False
         self._dead = False  # nats-py gave up reconnecting
         self._js_ready = False
@@ -159,33 +162,6 @@ class NatsTransport(NatsPresence, NetworkTransport):
 
     # -- publishing: the hot path ------------------------------------------------------------
 
-    def _subject(self, topic: str) -> str:
-        subject = subject_from_topic(topic)
-        if len(subject) * 4 > MAX_SUBJECT_BYTES and len(subject.encode()) > MAX_SUBJECT_BYTES:
-            raise InvalidTopic(
-                f"topic is {len(subject.encode())} bytes as a NATS subject; NATS takes at most "
-                f"{MAX_SUBJECT_BYTES}",
-                topic=topic[:80],
-            )
-        if subject[0] == "$" and (subject + ".").startswith(self._q1_prefix):
-            raise InvalidTopic(
-                f"topic {topic!r} is under {self._opts.qos1_prefix!r}, reserved for QoS-1 traffic",
-                topic=topic,
-            )
-        return subject
-
-    def _pub_prefix(
-        self, topic: str, verb: bytes = b"PUB ", cache: dict[str, bytes] | None = None
-    ) -> bytes:
-        """``b"PUB <subject> "`` (or ``HPUB``) for a topic (checked once, then cached)."""
-        prefix = verb + self._subject(topic).encode() + b" "
-        if cache is None:
-            cache = self._pub_prefixes
-        if len(cache) >= 4096:
-            cache.clear()
-        cache[topic] = prefix
-        return prefix
-
     def _check_size(self, topic: str, data: bytes, headers: Mapping[str, str]) -> None:
         size = len(data) + header_bytes(headers)
         if size > self._max_payload:
@@ -268,15 +244,15 @@ class NatsTransport(NatsPresence, NetworkTransport):
         if not headers and not reply:
             prefix = self._pub_prefixes.get(topic)
             if prefix is None:
-                prefix = self._pub_prefix(topic)
+                prefix = self._subjects.pub_prefix(topic)
             pending = writer.publish_plain(prefix, data)
             return None if pending is None else self._room(pending)
         if not reply and type(headers) is MappingProxyType:  # the bus's constant headers
-            prefix = self._hpub_prefixes.get(topic)
-            if prefix is None:
-                prefix = self._pub_prefix(topic, b"HPUB ", self._hpub_prefixes)
+            head = self._hpub_heads.get(topic)
+            if head is None or head[0] is not headers:
+                head = self._subjects.head(writer, topic, headers, self._max_payload)
             try:
-                pending = writer.publish_constant(prefix, headers, data)
+                pending = writer.publish_constant(head, data)
             except ValueError as exc:  # TooLarge
                 raise publish_error(exc, topic, len(data), self._max_payload) from exc
             return None if pending is None else self._room(pending)

@@ -87,20 +87,27 @@ def reply_subject(reply_to: str) -> str:
     return subject if len(subject.encode()) <= MAX_SUBJECT_BYTES else ""
 
 
-def is_no_responders(data: bytes, headers: dict[str, str]) -> bool:
+def is_no_responders(data: bytes, headers: Mapping[str, str]) -> bool:
     """Tell whether a received message is the server's "no responders" status (503, no body)."""
     return not data and headers.get(STATUS) == "503"
 
 
 def split_headers(
-    headers: dict[str, str], own_ids: str
-) -> tuple[dict[str, str] | None, str | None]:
-    """Take the adapter's own headers out of a received message's headers."""
-    rev = headers.pop(REVISION_HEADER, None)
+    headers: Mapping[str, str], own_ids: str
+) -> tuple[Mapping[str, str] | None, str | None]:
+    """The received headers without the adapter's own, and the retained revision if any.
+
+    ``headers`` is never changed (it may be a parsed block shared by many messages).
+    """
+    rev = headers.get(REVISION_HEADER)
     msg_id = headers.get(MSG_ID)
-    if msg_id is not None and msg_id.startswith(own_ids):
-        del headers[MSG_ID]
-    return (headers or None), rev
+    own_id = msg_id is not None and msg_id.startswith(own_ids)
+    if rev is None and not own_id:
+        return headers, None
+    kept = {
+        k: v for k, v in headers.items() if k != REVISION_HEADER and (k != MSG_ID or not own_id)
+    }
+    return (kept or None), rev
 
 
 def stored_headers(headers: dict[str, str] | None) -> dict[str, str] | None:
