@@ -15,6 +15,7 @@ from typing import Any
 
 from . import _envelope, _stub
 from ._bus_lifecycle import BusLifecycle
+from ._cloudevents_binary import WithId
 from ._codec import now_utc as _now
 from ._envelope import DEFAULT_TYPE, Envelope
 from ._errors import (
@@ -325,11 +326,13 @@ class BusPublishing(BusLifecycle):
         if self._format == "raw":
             if self._raw_headers:
                 if env is None and not (headers or correlation_id or reply_to or type):
-                    # No per-message metadata: the bare body plus constant headers built once
-                    # (the receiver makes up id and time); bytes say so to stay bytes.
+                    # No per-message metadata: the bare body, the constant headers built once
+                    # and the id the binding requires; bytes say so to stay bytes.
                     if isinstance(payload, bytes):
-                        return payload, self._raw_octet_headers
-                    return codec.encode_payload(payload, topic), self._raw_static_headers
+                        return payload, WithId(self._raw_octet_headers, _envelope.next_id())
+                    return codec.encode_payload(payload, topic), WithId(
+                        self._raw_static_headers, _envelope.next_id()
+                    )
                 if env is None:
                     env = codec.envelope(
                         topic, payload, headers=headers, correlation_id=correlation_id,

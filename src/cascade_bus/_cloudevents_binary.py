@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, unquote
@@ -30,6 +30,7 @@ from ._envelope import Envelope, new_id
 from ._errors import DecodeError
 
 __all__ = [
+    "WithId",
     "bare_envelope",
     "binary_headers",
     "decode_header_value",
@@ -98,6 +99,35 @@ def binary_headers(env: Envelope[Any]) -> dict[str, str]:
     if bag:
         out["ce-" + HEADER_BAG] = enc(json_encode(bag).decode())
     return out
+
+
+class WithId(Mapping[str, str]):
+    """Constant binary-mode headers plus one message's ``ce-id`` (the binding requires an id).
+
+    A read-only mapping over ``base`` (the bus's constant headers, a `MappingProxyType`) and
+    ``ce-id``: transports that frame ``base`` once (NATS, MQTT 5) add only the id per message.
+    """
+
+    __slots__ = ("base", "id")
+
+    def __init__(self, base: Mapping[str, str], id: str) -> None:
+        self.base = base
+        self.id = id
+
+    def __getitem__(self, key: str) -> str:
+        if key == "ce-id":
+            return self.id
+        return self.base[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.base
+        yield "ce-id"
+
+    def __len__(self) -> int:
+        return len(self.base) + 1
+
+    def __repr__(self) -> str:
+        return f"WithId({dict(self)!r})"
 
 
 def static_binary_headers(source: str, type: str, content_type: str | None) -> dict[str, str]:

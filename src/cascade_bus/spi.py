@@ -16,7 +16,7 @@ a third-party transport would::
 from ._backoff import backoff_delays
 from ._capabilities import Capabilities
 from ._cloudevents import STRUCTURED_HEADERS
-from ._cloudevents_binary import decode_header_value, encode_header_value
+from ._cloudevents_binary import WithId, decode_header_value, encode_header_value
 from ._install import install_command
 from ._netopts import NETWORK_OPTIONS, NetworkOptions, tls_context
 from ._offline import OfflineBuffer, Outgoing
@@ -63,6 +63,7 @@ __all__ = [
     "Transport",
     "TransportSubscription",
     "Waiters",
+    "WithId",
     "backoff_delays",
     "decode_header_value",
     "describe_cause",

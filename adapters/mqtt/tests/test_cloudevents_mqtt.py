@@ -169,6 +169,8 @@ async def test_binary_events_we_publish_parse_with_the_sdk(mqtt_url, broker, uni
     assert second.properties.ContentType == "application/json"
     constant = dict(second.properties.UserProperty)
     assert constant["specversion"] == "1.0"
+    assert constant["id"]  # required: every message carries its own
+    assert constant["id"] != user["id"]
     assert CloudEvent(dict(constant), FORMAT.read_data(second.payload, "application/json"))
 
 

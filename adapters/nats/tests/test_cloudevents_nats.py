@@ -107,6 +107,8 @@ async def test_binary_events_we_publish_parse_with_the_sdk(plain, nats_url, uniq
     constant = _lower(second.headers)
     assert constant["ce-specversion"] == "1.0"
     assert constant["ce-datacontenttype"] == "application/json"
+    assert constant["ce-id"]  # the binding maps every attribute: id is required
+    assert constant["ce-id"] != headers["ce-id"]
 
 
 async def test_sdk_structured_events_arrive_as_envelopes(plain, nats_url, unique_topic, kit, buses):
@@ -167,3 +169,24 @@ async def test_round_trip_between_buses(nats_url, unique_topic, kit, buses, fmt)
     assert env.headers == headers
     assert (env.source, env.type, env.reply_to, env.topic) == ("urn:a b", "t 1", "r/x", topic)
     assert env.payload == {"r": 1}
+
+
+async def test_raw_messages_without_metadata_keep_one_id_for_every_subscriber(
+    nats_url, unique_topic, kit, buses
+):
+    """Binary mode sends ``ce-id`` on every message: receivers agree on the publisher's id."""
+    publisher = await cascade_bus.connect(nats_url, format="raw")
+    first, second = await cascade_bus.connect(nats_url), await cascade_bus.connect(nats_url)
+    buses.extend([publisher, first, second])
+    topic = f"{unique_topic}/ids"
+    one, two = kit.Inbox(), kit.Inbox()
+    await first.subscribe(topic, one)
+    await second.subscribe(topic, two)
+    for n in range(3):
+        await publisher.publish(topic, {"n": n})
+    await one.wait_for(3)
+    await two.wait_for(3)
+    ids = [env.id for env in one.envelopes]
+    assert ids == [env.id for env in two.envelopes]
+    assert len(set(ids)) == 3
+    assert [env.payload for env in one.envelopes] == [{"n": 0}, {"n": 1}, {"n": 2}]

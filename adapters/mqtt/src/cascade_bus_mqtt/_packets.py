@@ -17,6 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from cascade_bus import EncodeError
+from cascade_bus.spi import WithId
 
 from ._cloudevents import STRUCTURED_PREFIX, to_properties
 
@@ -57,10 +58,15 @@ def _props(pairs: list[tuple[str, str]], content_type: str | None) -> bytes:
     """
     if not pairs and content_type is None:
         return _NO_PROPS
+    body = _props_body(pairs, content_type)
+    return _remaining(len(body)) + body
+
+
+def _props_body(pairs: list[tuple[str, str]], content_type: str | None) -> bytes:
+    """`_props` without its length prefix."""
     parts = [b"\x03" + _string(content_type)] if content_type is not None else []
     parts += [b"\x26" + _string(key) + _string(value) for key, value in pairs]
-    body = b"".join(parts)
-    return _remaining(len(body)) + body
+    return b"".join(parts)
 
 
 def _string(text: str) -> bytes:
@@ -86,6 +92,11 @@ def encode_props(headers: Mapping[str, str] | None, retain: bool) -> bytes:
     """
     if not headers:
         return _RETAIN_PROPS if retain else _NO_PROPS
+    if type(headers) is WithId:  # constant attributes packed once, plus this message's id
+        hit = _BODIES.get((id(headers.base), retain))
+        body = hit[1] if hit is not None and hit[0] is headers.base else _base_body(headers, retain)
+        body += b"\x26\x00\x02id" + _string(headers.id)
+        return _remaining(len(body)) + body
     constant = type(headers) is MappingProxyType
     if constant:
         hit = _PACKED.get((id(headers), retain))
@@ -101,6 +112,22 @@ def encode_props(headers: Mapping[str, str] | None, retain: bool) -> bytes:
             _PACKED.clear()
         _PACKED[id(headers), retain] = (headers, packed)
     return packed
+
+
+# `WithId`'s constant part, packed once per (base, retain) without the length prefix.
+_BODIES: dict[tuple[int, bool], tuple[Mapping[str, str], bytes]] = {}
+
+
+def _base_body(headers: WithId, retain: bool) -> bytes:
+    pairs, content_type = to_properties(headers.base)
+    pairs = [item for item in pairs if item[0] not in (RETAIN_PROPERTY, "id")]
+    if retain:
+        pairs.append((RETAIN_PROPERTY, "1"))
+    body = _props_body(pairs, content_type)
+    if len(_BODIES) >= 64:
+        _BODIES.clear()
+    _BODIES[id(headers.base), retain] = (headers.base, body)
+    return body
 
 
 class TopicHeads(dict[str, bytes]):

@@ -333,17 +333,33 @@ class Writer:
 
     def constant_head(
         self, subject: bytes, headers: Mapping[str, str]
-    ) -> tuple[Mapping[str, str], bytes, bytes]:
-        """For `publish_constant`: ``(headers, b"HPUB <subject> <block size> ", block)``.
+    ) -> tuple[Mapping[str, str], bytes, bytes, bytes]:
+        """The frame parts of `publish_constant` and `publish_with_id` for one subject.
+
+        ``(headers, b"HPUB <subject> <block size> ", block, b"HPUB <subject> ")``.
 
         Raises:
             ValueError: a header name NATS cannot carry.
         """
         block = _header_block(headers, self.checked)
-        return headers, b"HPUB %s %d " % (subject, len(block)), block
+        return headers, b"HPUB %s %d " % (subject, len(block)), block, b"HPUB %s " % subject
+
+    def publish_with_id(
+        self, head: tuple[Mapping[str, str], bytes, bytes, bytes], msg_id: str, data: bytes
+    ) -> Awaitable[Any] | None:
+        """`publish_constant` with one more header, ``ce-id`` (an ASCII id of the bus's).
+
+        Raises:
+            TooLarge: body and headers exceed the server's max_payload.
+        """
+        block = b"%sce-id: %s\r\n\r\n" % (head[2][:-2], msg_id.encode())
+        size = len(block) + len(data)
+        if size > self.limit:
+            raise TooLarge(size)
+        return self._queue(head[3] + b"%d %d\r\n" % (len(block), size) + block, data)
 
     def publish_constant(
-        self, head: tuple[Mapping[str, str], bytes, bytes], data: bytes
+        self, head: tuple[Mapping[str, str], bytes, bytes, bytes], data: bytes
     ) -> Awaitable[Any] | None:
         """`publish` with constant headers and no reply, framed by a `constant_head`.
 

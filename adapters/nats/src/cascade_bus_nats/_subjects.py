@@ -18,8 +18,9 @@ from ._wire import MAX_SUBJECT_BYTES
 
 __all__ = ["Head", "Subjects"]
 
-#: ``(headers, b"HPUB <subject> <block size> ", block)``: see `Writer.constant_head`.
-Head = tuple[Mapping[str, str], bytes, bytes]
+#: ``(headers, b"HPUB <subject> <block size> ", block, b"HPUB <subject> ")``: see
+#: `Writer.constant_head`.
+Head = tuple[Mapping[str, str], bytes, bytes, bytes]
 _CACHED = 4096
 
 

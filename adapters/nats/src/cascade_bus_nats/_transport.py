@@ -28,6 +28,7 @@ from cascade_bus.spi import (
     TaskSet,
     TopicMapper,
     TransportSubscription,
+    WithId,
 )
 
 from ._connection import Connection, close_quietly, open_client, round_trip
@@ -247,12 +248,21 @@ class NatsTransport(NatsPresence, NetworkTransport):
                 prefix = self._subjects.pub_prefix(topic)
             pending = writer.publish_plain(prefix, data)
             return None if pending is None else self._room(pending)
-        if not reply and type(headers) is MappingProxyType:  # the bus's constant headers
+        kind = type(headers)
+        if not reply and headers is not None and (kind is MappingProxyType or kind is WithId):
+            # The bus's constant headers (and a raw message's id): framed once per topic.
+            if isinstance(headers, WithId):
+                fixed, msg_id = headers.base, headers.id
+            else:
+                fixed, msg_id = headers, ""
             head = self._hpub_heads.get(topic)
-            if head is None or head[0] is not headers:
-                head = self._subjects.head(writer, topic, headers, self._max_payload)
+            if head is None or head[0] is not fixed:
+                head = self._subjects.head(writer, topic, fixed, self._max_payload)
             try:
-                pending = writer.publish_constant(head, data)
+                if msg_id:
+                    pending = writer.publish_with_id(head, msg_id, data)
+                else:
+                    pending = writer.publish_constant(head, data)
             except ValueError as exc:  # TooLarge
                 raise publish_error(exc, topic, len(data), self._max_payload) from exc
             return None if pending is None else self._room(pending)
