@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import selectors
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -29,6 +26,7 @@ from cascade_bus._install import install_command
 from cascade_bus.cli import EXTRA_HINT, main
 from cascade_bus.cli._app import cli
 from cascade_bus.testing.brokers import free_port
+from cascade_bus.testing.pipes import Lines
 
 TIMEOUT = 20.0
 SCRIPT = Path(sys.executable).with_name("cascade-bus")
@@ -72,45 +70,11 @@ def run_cli(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess
     )
 
 
-class Lines:
-    """Reads a child's pipe line by line with a deadline (never blocks forever)."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self.stream = stream
-        self.buffer = b""
-        self.seen: list[str] = []
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(stream, selectors.EVENT_READ)
-
-    def wait_for(self, needle: str, timeout: float = TIMEOUT) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.seen:
-                if needle in line:
-                    return line
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.selector.select(left):
-                raise AssertionError(f"{needle!r} not seen within {timeout}s: {self.seen}")
-            chunk = os.read(self.stream.fileno(), 65536)
-            if not chunk:
-                raise AssertionError(f"stream closed before {needle!r}: {self.seen}")
-            self.buffer += chunk
-            *complete, self.buffer = self.buffer.split(b"\n")
-            self.seen += [line.decode() for line in complete]
-
-    def rest(self) -> str:
-        """Everything the child wrote (call once it has exited); closes the pipe."""
-        data = self.buffer + self.stream.read()
-        self.selector.close()
-        self.stream.close()
-        return "\n".join([*self.seen, data.decode()])
-
-
 def start(*args: str) -> tuple[subprocess.Popen[bytes], Lines, Lines]:
     proc = subprocess.Popen([*WITH_SIGINT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     assert proc.stderr is not None
-    return proc, Lines(proc.stdout), Lines(proc.stderr)
+    return proc, Lines(proc.stdout, TIMEOUT), Lines(proc.stderr, TIMEOUT)
 
 
 def finish(proc: subprocess.Popen[bytes], out: Lines, err: Lines) -> tuple[int, str, str]:

@@ -8,9 +8,7 @@ text from binary; ``transports`` and the connect hints say what is true.
 from __future__ import annotations
 
 import json
-import os
 import re
-import selectors
 import shutil
 import signal
 import stat
@@ -18,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
 
 import pytest
 from click.testing import CliRunner, Result
@@ -26,6 +23,7 @@ from click.testing import CliRunner, Result
 import cascade_bus
 from cascade_bus.cli._app import cli
 from cascade_bus.testing.brokers import free_port
+from cascade_bus.testing.pipes import Lines
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = cascade_bus.available_transports()
@@ -52,41 +50,11 @@ def run_cli(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess
     )
 
 
-class Lines:
-    """A child's pipe read line by line, every wait bounded."""
-
-    def __init__(self, stream: IO[bytes]) -> None:
-        self.stream, self.buffer, self.seen = stream, b"", list[str]()
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(stream, selectors.EVENT_READ)
-
-    def wait_for(self, needle: str, timeout: float = TIMEOUT) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.seen:
-                if needle in line:
-                    return line
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.selector.select(left):
-                raise AssertionError(f"{needle!r} not seen within {timeout}s: {self.seen}")
-            chunk = os.read(self.stream.fileno(), 65536)
-            if not chunk:
-                raise AssertionError(f"stream closed before {needle!r}: {self.seen}")
-            *complete, self.buffer = (self.buffer + chunk).split(b"\n")
-            self.seen += [line.decode() for line in complete]
-
-    def rest(self) -> str:
-        data = self.buffer + self.stream.read()
-        self.selector.close()
-        self.stream.close()
-        return "\n".join([*self.seen, data.decode()]).strip("\n")
-
-
 def start(*args: str) -> tuple[subprocess.Popen[bytes], Lines, Lines]:
     proc = subprocess.Popen([*COMMAND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     assert proc.stderr is not None
-    return proc, Lines(proc.stdout), Lines(proc.stderr)
+    return proc, Lines(proc.stdout, TIMEOUT), Lines(proc.stderr, TIMEOUT)
 
 
 def finish(proc: subprocess.Popen[bytes], out: Lines, err: Lines) -> tuple[int, str, str]:
@@ -96,7 +64,7 @@ def finish(proc: subprocess.Popen[bytes], out: Lines, err: Lines) -> tuple[int, 
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=TIMEOUT)
-    return code, out.rest(), err.rest()
+    return code, out.rest().strip("\n"), err.rest().strip("\n")
 
 
 # -- 1 and 2: ./scripts/demo installs once, then says where the command is ----------------

@@ -19,9 +19,8 @@ from cascade_bus_amqp import AmqpTransport
 
 from cascade_bus import Bus
 from cascade_bus.testing.brokers import port_open
-from cascade_bus.testing.inbox import Inbox
 from cascade_bus.testing.pytest_plugin import REQUIRE_ENV, brokers_required
-from cascade_bus.testing.waits import FAST_RECONNECT, WAIT, wait_connected, wait_disconnected
+from cascade_bus.testing.waits import WAIT, fault_kit
 
 ENV_VAR = "CASCADE_BUS_AMQP_URL"
 
@@ -87,22 +86,6 @@ async def pika(amqp_base_url: str) -> AsyncIterator[aio_pika.abc.AbstractChannel
 
 
 @pytest.fixture
-async def buses() -> AsyncIterator[list[Bus]]:
-    """A list to append opened buses to; all are closed after the test (bounded)."""
-    opened: list[Bus] = []
-    yield opened
-    async with asyncio.timeout(WAIT * 2):
-        await asyncio.gather(*(bus.close() for bus in reversed(opened)), return_exceptions=True)
-
-
-@pytest.fixture
 def kit() -> SimpleNamespace:
     """This module's helpers (tests run with --import-mode=importlib and cannot import it)."""
-    return SimpleNamespace(
-        FAST_RECONNECT=FAST_RECONNECT,
-        WAIT=WAIT,
-        Inbox=Inbox,
-        amqp=amqp,
-        wait_connected=wait_connected,
-        wait_disconnected=wait_disconnected,
-    )
+    return fault_kit(amqp=amqp)

@@ -252,20 +252,6 @@ class AmqpTransport(NetworkTransport):
             out = Out(topic, data, qos, retain, headers, reply_to, fut)
         return self._write(topic, data, qos, retain, headers, reply_to, out)
 
-    async def publish(
-        self,
-        topic: str,
-        data: bytes,
-        *,
-        qos: int = 0,
-        retain: bool = False,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        """`send`, awaited (works before and after the SPI's ``send`` change)."""
-        pending = self.send(topic, data, qos, retain, headers)
-        if pending is not None:
-            await pending
-
     def _write(
         self,
         topic: str,
