@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import cascade_bus
+from cascade_bus._presence import default_presence_topic
 from cascade_bus.cli._app import cli
 from cascade_bus.testing.brokers import free_port
 from cascade_bus.testing.pipes import Lines
@@ -159,6 +160,11 @@ def test_interrupted_demo_leaves_no_retained_pause(mqtt_url: str) -> None:
     left = invoke("sub", mqtt_url, f"cascade/constraints/{run.group()}", "--timeout", "1", "-q")
     assert left.exit_code == 0, left.output
     assert left.stdout == "", "the interrupted demo left its retained pause behind"
+    # Nor its engine's presence status (`cascade/status/<host>-<pid>`): no phantom engine.
+    status = default_presence_topic().rsplit("-", 1)[0] + f"-{proc.pid}"
+    left = invoke("sub", mqtt_url, status, "--timeout", "1", "-q")
+    assert left.exit_code == 0, left.output
+    assert left.stdout == "", "the interrupted demo left its engine's status behind"
 
 
 # -- 5: reply answers request ---------------------------------------------------------------

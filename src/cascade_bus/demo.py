@@ -283,9 +283,10 @@ async def run_demo(url: str, runs: int, tasks: int, seconds: float, seed: int) -
     # Each task attempt takes about one unit; the paused run starts two units late.
     unit = seconds / (tasks + 3)
 
-    watcher_conn = Connector(url)
-    controller = Connector(url)
-    engine_conn = Connector(url)
+    # No presence: a demo stopped at any moment must leave no engine status behind either.
+    watcher_conn = Connector(url, presence=False)
+    controller = Connector(url, presence=False)
+    engine_conn = Connector(url, presence=False)
     watcher = Watcher(console, run_ids)
     engine = Engine(engine_conn, console, run_ids, tasks, unit, seed)
     console.line("demo", f"{runs} runs x {tasks} tasks on {BusURL(url).redacted()}")
