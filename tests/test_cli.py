@@ -26,7 +26,8 @@ from cascade_bus._install import install_command
 from cascade_bus.cli import EXTRA_HINT, main
 from cascade_bus.cli._app import cli
 from cascade_bus.testing.brokers import free_port
-from cascade_bus.testing.pipes import Lines
+from cascade_bus.testing.pipes import Lines, spawn
+from cascade_bus.testing.pipes import finish as finish_child
 
 TIMEOUT = 20.0
 SCRIPT = Path(sys.executable).with_name("cascade-bus")
@@ -71,20 +72,11 @@ def run_cli(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess
 
 
 def start(*args: str) -> tuple[subprocess.Popen[bytes], Lines, Lines]:
-    proc = subprocess.Popen([*WITH_SIGINT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    return proc, Lines(proc.stdout, TIMEOUT), Lines(proc.stderr, TIMEOUT)
+    return spawn([*WITH_SIGINT, *args], TIMEOUT)
 
 
 def finish(proc: subprocess.Popen[bytes], out: Lines, err: Lines) -> tuple[int, str, str]:
-    try:
-        code = proc.wait(timeout=TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=TIMEOUT)
-    return code, out.rest(), err.rest()
+    return finish_child(proc, out, err, TIMEOUT)
 
 
 def unique_memory() -> str:

@@ -24,7 +24,8 @@ import cascade_bus
 from cascade_bus._presence import default_presence_topic
 from cascade_bus.cli._app import cli
 from cascade_bus.testing.brokers import free_port
-from cascade_bus.testing.pipes import Lines
+from cascade_bus.testing.pipes import Lines, spawn
+from cascade_bus.testing.pipes import finish as finish_child
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = cascade_bus.available_transports()
@@ -52,20 +53,12 @@ def run_cli(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess
 
 
 def start(*args: str) -> tuple[subprocess.Popen[bytes], Lines, Lines]:
-    proc = subprocess.Popen([*COMMAND, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    assert proc.stderr is not None
-    return proc, Lines(proc.stdout, TIMEOUT), Lines(proc.stderr, TIMEOUT)
+    return spawn([*COMMAND, *args], TIMEOUT)
 
 
 def finish(proc: subprocess.Popen[bytes], out: Lines, err: Lines) -> tuple[int, str, str]:
-    try:
-        code = proc.wait(timeout=TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=TIMEOUT)
-    return code, out.rest().strip("\n"), err.rest().strip("\n")
+    code, stdout, stderr = finish_child(proc, out, err, TIMEOUT)
+    return code, stdout.strip("\n"), stderr.strip("\n")
 
 
 # -- 1 and 2: ./scripts/demo installs once, then says where the command is ----------------

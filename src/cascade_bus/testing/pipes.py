@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import selectors
+import subprocess
 import time
+from collections.abc import Sequence
 from typing import IO
 
-__all__ = ["Lines"]
+__all__ = ["Lines", "finish", "spawn"]
 
 
 class Lines:
@@ -48,3 +50,26 @@ class Lines:
         self.selector.close()
         self.stream.close()
         return "\n".join([*self.seen, data.decode()])
+
+
+def spawn(
+    command: Sequence[str], timeout: float = 20.0
+) -> tuple[subprocess.Popen[bytes], Lines, Lines]:
+    """Start ``command`` with its stdout and stderr as `Lines` (waits bounded by ``timeout``)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    return proc, Lines(proc.stdout, timeout), Lines(proc.stderr, timeout)
+
+
+def finish(
+    proc: subprocess.Popen[bytes], out: Lines, err: Lines, timeout: float = 20.0
+) -> tuple[int, str, str]:
+    """Wait (bounded; killed after) for the child to exit: its status, stdout and stderr."""
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    return code, out.rest(), err.rest()
