@@ -269,8 +269,11 @@ class Presence:
         while True:
             await asyncio.sleep(self.opts.interval)  # a period, not a synchronisation
             try:
-                await self._renew()
-                await self._sweep()
+                # Bounded: a broker call that never answers (a KV key listing can hang) must
+                # not stop renewing and sweeping for good; the next round tries again.
+                async with asyncio.timeout(max(2 * self.opts.interval, 1.0)):
+                    await self._renew()
+                    await self._sweep()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # down or reconnecting: the next round tries again
