@@ -7,12 +7,15 @@ state change, never for time to pass.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import nats as nats_py
 import pytest
 from cascade_bus_nats import NatsTransport
+from nats.aio.client import Client as NatsClient
 
 from cascade_bus import Bus
 from cascade_bus.testing.waits import FAST_RECONNECT as SHARED_FAST_RECONNECT
@@ -41,10 +44,29 @@ def wait_stopped(pid: int, timeout: float = 5.0) -> None:
         time.sleep(0.001)
 
 
+async def settle(nc: NatsClient) -> None:
+    """Make sure the server has processed this client's SUBs and PUBs.
+
+    nats-py's ``flush()`` writes its PING ahead of commands still in its write buffer, so one
+    PONG does not prove they arrived (a SUB may be processed after another connection's
+    publish); the second PING goes out after them.
+    """
+    await nc.flush()
+    await nc.flush()
+
+
+@pytest.fixture
+async def plain(nats_url: str) -> AsyncIterator[NatsClient]:
+    """A plain nats-py client on the test's server (for interop checks)."""
+    nc = await nats_py.connect(nats_url)
+    yield nc
+    await nc.close()
+
+
 @pytest.fixture
 def kit() -> SimpleNamespace:
     """This module's helpers (tests run with --import-mode=importlib and cannot import it)."""
-    kit = fault_kit(nats=nats, wait_stopped=wait_stopped)
+    kit = fault_kit(nats=nats, wait_stopped=wait_stopped, settle=settle)
     kit.FAST_RECONNECT = FAST_RECONNECT
     return kit
 

@@ -8,17 +8,14 @@ SDK produces, sent by a plain nats-py client in either mode, arrives as an envel
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-import nats
 import pytest
 from cascade_bus_nats import NatsTopicMapper
 from cloudevents.core.bindings.common import decode_header_value, encode_header_value
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 import cascade_bus
@@ -28,13 +25,6 @@ pytestmark = pytest.mark.nats
 MAPPER = NatsTopicMapper()
 FORMAT = JSONFormat()
 HEADERS = {"tenant": "acme", "x-death-topic": "orders/new"}  # an attribute name, and not
-
-
-@pytest.fixture
-async def plain(nats_url: str) -> AsyncIterator[NatsClient]:
-    nc = await nats.connect(nats_url)
-    yield nc
-    await nc.close()
 
 
 async def _next(sub: Any) -> Msg:
@@ -59,10 +49,10 @@ def _sdk_event(topic: str, data: Any, **extra: str) -> CloudEvent:
     return CloudEvent(attributes, data)
 
 
-async def test_structured_events_we_publish_parse_with_the_sdk(plain, nats_url, unique_topic):
+async def test_structured_events_we_publish_parse_with_the_sdk(plain, nats_url, unique_topic, kit):
     topic = f"{unique_topic}/structured"
     sub = await plain.subscribe(MAPPER.to_native(topic))
-    await plain.flush()
+    await kit.settle(plain)
     async with cascade_bus.connect(nats_url, source="urn:bus") as bus:
         await bus.publish(topic, {"t": 21.5}, headers=HEADERS, type="com.example.t")
         await bus.publish(topic, b"\x00\xff")
@@ -80,10 +70,10 @@ async def test_structured_events_we_publish_parse_with_the_sdk(plain, nats_url, 
     assert binary.get_data() == b"\x00\xff"
 
 
-async def test_binary_events_we_publish_parse_with_the_sdk(plain, nats_url, unique_topic):
+async def test_binary_events_we_publish_parse_with_the_sdk(plain, nats_url, unique_topic, kit):
     topic = f"{unique_topic}/binary"
     sub = await plain.subscribe(MAPPER.to_native(topic))
-    await plain.flush()
+    await kit.settle(plain)
     async with cascade_bus.connect(nats_url, format="raw", source="urn:bus €") as bus:
         await bus.publish(topic, {"t": 1}, headers=HEADERS, type="com.example.t")
         await bus.publish(topic, [2])  # no per-message metadata: the constant headers

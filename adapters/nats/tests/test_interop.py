@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
 import pytest
 from cascade_bus_nats import NatsTopicMapper
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 import cascade_bus
@@ -25,23 +23,6 @@ from cascade_bus import Connector
 pytestmark = pytest.mark.nats
 
 MAPPER = NatsTopicMapper()
-
-
-@pytest.fixture
-async def plain(nats_url: str) -> AsyncIterator[NatsClient]:
-    nc = await nats.connect(nats_url)
-    yield nc
-    await nc.close()
-
-
-async def settle(nc: NatsClient) -> None:
-    """Make sure the server has processed this client's SUBs and PUBs.
-
-    nats-py's ``flush()`` writes its PING ahead of commands still in its write buffer, so one
-    PONG does not prove they arrived; the second PING goes out after them.
-    """
-    await nc.flush()
-    await nc.flush()
 
 
 async def _next(sub: Any, timeout: float = 5.0) -> Msg:
@@ -60,7 +41,7 @@ async def test_plain_client_bare_json_reaches_a_bus_subscriber(
     assert subject.endswith(".sensor%2E1.reading")
     await plain.publish(subject, b'{"a": 1, "b": [true, null]}')
     await plain.publish(subject, b"not json at all")
-    await settle(plain)
+    await kit.settle(plain)
     await inbox.wait_for(2)
     first, second = inbox.envelopes
     assert first.topic == f"{unique_topic}/sensor.1/reading"
@@ -69,7 +50,7 @@ async def test_plain_client_bare_json_reaches_a_bus_subscriber(
 
 
 async def test_connector_output_is_read_by_a_plain_client_as_the_same_dict(
-    plain, nats_url, unique_topic
+    plain, nats_url, unique_topic, kit
 ):
     connector = Connector(nats_url, presence=False)
     await connector.connect()
@@ -77,7 +58,7 @@ async def test_connector_output_is_read_by_a_plain_client_as_the_same_dict(
         event = {"run": "r1", "task": "extract", "attempt": 1, "state": "running", "n": 2.5}
         q0 = await plain.subscribe(MAPPER.to_native(f"{unique_topic}/events"))
         q1 = await plain.subscribe("$CASCADE.Q1." + MAPPER.to_native(f"{unique_topic}/events"))
-        await settle(plain)
+        await kit.settle(plain)
         await connector.publish(f"{unique_topic}/events", event)
         await connector.publish(f"{unique_topic}/events", {"qos": 1}, qos=1)
         assert json.loads((await _next(q0)).data) == event
@@ -92,7 +73,7 @@ async def test_headers_travel_natively_both_ways(plain, nats_url, unique_topic, 
     buses.append(bus)
     subject = MAPPER.to_native(f"{unique_topic}/h")
     sub = await plain.subscribe(subject)
-    await settle(plain)
+    await kit.settle(plain)
     await bus.publish(f"{unique_topic}/h", {"x": 1}, headers={"tenant": "acme"}, type="t.reading")
     msg = await _next(sub)
     assert json.loads(msg.data) == {"x": 1}

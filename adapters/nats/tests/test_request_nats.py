@@ -10,13 +10,10 @@ plain `RequestTimeout`. Shared server; every request to nobody uses ``timeout=36
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
-import nats
 import pytest
 from cascade_bus_nats import NatsTopicMapper
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 import cascade_bus
@@ -27,14 +24,6 @@ pytestmark = pytest.mark.nats
 MAPPER = NatsTopicMapper()
 #: A bound for a request to nobody, whose own timeout (3600 s) must never be reached.
 FAST = 5.0
-
-
-@pytest.fixture
-async def plain(nats_url: str) -> AsyncIterator[NatsClient]:
-    """A plain nats-py client on the shared server."""
-    nc = await nats.connect(nats_url)
-    yield nc
-    await nc.close()
 
 
 def record_no_responders(bus: cascade_bus.Bus) -> list[str]:
@@ -151,7 +140,7 @@ async def test_silent_responder_gives_request_timeout(nats_url, unique_topic, ki
     assert calls == []
 
 
-async def test_only_requests_carry_a_reply_subject(plain, nats_url, unique_topic, buses, api):
+async def test_only_requests_carry_a_reply_subject(plain, nats_url, unique_topic, buses, api, kit):
     """Plain publishes go without a NATS reply subject, even when the body says ``replyto``.
 
     A plain NATS client sees each message's reply subject: empty for publishes (in every
@@ -172,7 +161,7 @@ async def test_only_requests_carry_a_reply_subject(plain, nats_url, unique_topic
             await msg.respond(b'{"answer": 42}')
 
     await plain.subscribe(MAPPER.to_native(f"{unique_topic}/svc"), cb=on_msg)
-    await plain.flush()
+    await kit.settle(plain)
     bait = {"replyto": "_inbox/x/y", "data": "replyto"}
     for bus in (json_bus, raw_bus, pack_bus):
         await bus.publish(f"{unique_topic}/svc", bait)
