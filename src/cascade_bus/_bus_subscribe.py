@@ -18,6 +18,7 @@ from ._policy import Handler, Overflow, SubscriptionPolicy
 from ._stats import DropReason
 from ._subscription import SubscribeCall, Subscription
 from ._topics import has_wildcards, validate_pattern, validate_topic
+from ._transport import LocalPublisher
 
 __all__ = ["BusSubscribing"]
 
@@ -179,7 +180,10 @@ class BusSubscribing(BusPublishing):
         self._subs.add(sub)
         if handler is not None:
             name = getattr(handler, "__qualname__", type(handler).__name__)
-            sub.start(f"cascade_bus[{self.id}].handler[{pattern}:{name}]")
+            sub.start(
+                f"cascade_bus[{self.id}].handler[{pattern}:{name}]",
+                in_process=isinstance(self.transport, LocalPublisher),
+            )
         try:
             async with asyncio.timeout(self._subscribe_timeout):
                 sub.attach(await self.transport.subscribe(pattern, sub, qos=qos, queue=queue))

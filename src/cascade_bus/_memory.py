@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Awaitable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import msgspec
 
 from ._capabilities import Capabilities
 from ._errors import BusClosed, InvalidURL
@@ -19,9 +21,17 @@ from ._topics import topic_matches
 from ._transport import Message, MessageSink, Transport, TransportSubscription
 from ._url import BusURL, parse_int
 
+if TYPE_CHECKING:
+    from ._sink import SubscriptionSink
+
 __all__ = ["MemoryBroker", "MemoryTransport"]
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
+
+#: Untyped JSON, as a subscription decodes it: each `push` gets its own payload object.
+_decode = msgspec.json.Decoder().decode
+#: Payload types every subscription may share (nothing in them can be changed).
+_IMMUTABLE = frozenset({str, int, float, bool, type(None)})
 
 
 class _Member:
@@ -38,7 +48,7 @@ class _Member:
 class _Route:
     """The subscriptions one concrete topic reaches: plain ones and queue groups."""
 
-    __slots__ = ("delivers", "groups", "plain")
+    __slots__ = ("delivers", "groups", "others", "plain", "pushes")
 
     def __init__(
         self, plain: list[_Member], groups: list[tuple[list[_Member], itertools.count[int]]]
@@ -47,6 +57,15 @@ class _Route:
         self.groups = groups
         # The plain members' bound `deliver` methods, looked up once per route, not per message.
         self.delivers = [member.sink.deliver for member in plain]
+        # For `publish_local`: the sinks that take a payload copy (`SubscriptionSink.push`),
+        # and the `deliver` of the others.
+        takes = [getattr(member.sink, "takes_payloads", False) for member in plain]
+        self.pushes: list[SubscriptionSink] = [
+            m.sink  # type: ignore[misc]  # a `SubscriptionSink`: it says it takes payloads
+            for m, t in zip(plain, takes, strict=True)
+            if t
+        ]
+        self.others = [m.sink.deliver for m, t in zip(plain, takes, strict=True) if not t]
 
 
 class MemoryBroker:
@@ -231,15 +250,43 @@ class MemoryTransport(Transport):
             reply_to = None if type(env) is tuple else env.reply_to  # a `Stub` has none
             if reply_to and self.on_no_responders is not None:
                 self.on_no_responders(reply_to)
-        message = Message(topic, b"", None, False, qos, None, local)  # positional: ~20 ns less
         full: list[MessageSink] | None = None
-        for deliver in route.delivers:
-            if not deliver(message):
-                (full := full or []).append(deliver.__self__)  # type: ignore[attr-defined]
-        for members, counter in route.groups:
-            sink = members[next(counter) % len(members)].sink
-            if not sink.deliver(message):
-                (full := full or []).append(sink)
+        delivers = route.delivers
+        pushes = route.pushes
+        if pushes and local[1] is not None and not local[2]:
+            # Each subscription that can take one gets its own copy of the payload, made here
+            # (before the publisher can change its object): one decode, then plain copies of
+            # a flat dict, shared immutable values, or a decode each for anything nested.
+            body = local[1]
+            first = _decode(body)
+            last = len(pushes) - 1
+            if last:
+                kind = type(first)
+                flat = kind is dict and body.count(b"{") == 1 and body.find(b"[") < 0
+                shared = kind in _IMMUTABLE
+            for i, sink in enumerate(pushes):
+                if i == last:
+                    copy = first
+                else:
+                    copy = first.copy() if flat else first if shared else _decode(body)
+                # `SubscriptionSink.push`, inlined for the common case
+                buf = sink._buf
+                if len(buf) < sink._push_high:
+                    buf.append((topic, copy, local))
+                    if sink._waiter is not None:
+                        sink._wake()
+                elif not sink.push((topic, copy, local)):
+                    (full := full or []).append(sink)
+            delivers = route.others
+        if delivers or route.groups:
+            message = Message(topic, b"", None, False, qos, None, local)  # positional: faster
+            for deliver in delivers:
+                if not deliver(message):
+                    (full := full or []).append(deliver.__self__)  # type: ignore[attr-defined]
+            for members, counter in route.groups:
+                sink = members[next(counter) % len(members)].sink
+                if not sink.deliver(message):
+                    (full := full or []).append(sink)
         return _wait_ready(full) if full else None
 
     async def subscribe(

@@ -29,7 +29,10 @@ if TYPE_CHECKING:
     from ._host import SubscriptionHost
     from ._policy import Handler, SubscriptionPolicy
 
-__all__ = ["SubscriptionSink", "as_decode_error"]
+__all__ = ["Pushed", "SubscriptionSink", "as_decode_error"]
+
+#: What an in-process publisher `push`es: ``(topic, this subscription's payload, local)``.
+Pushed = tuple[str, Any, tuple[Any, bytes | None, bool]]
 
 log = logging.getLogger("cascade_bus")
 _HIGH_WATER = 1024
@@ -67,7 +70,7 @@ class SubscriptionSink:
         self._decode_local = decoder.decode_local
         self._json_copy = decoder.untyped_json
         self._policy = policy
-        self._buf: deque[Message] = deque()
+        self._buf: deque[Message | Pushed] = deque()
         self._limit = policy.buffer_size
         # Flow control ("block") starts at a soft high-water mark below the hard limit: letting
         # a publisher run 10,000 messages ahead only adds cache misses and GC survivors.
@@ -79,6 +82,9 @@ class SubscriptionSink:
         self._cap = (
             self._limit if policy.overflow != "block" else max(2 * self._limit, self._limit + 64)
         )
+        # Below it, an in-process publisher appends without `push` (see there): "block" waits
+        # from the high-water mark on, the drop policies apply from the hard cap on.
+        self._push_high = self._high if policy.overflow == "block" else self._cap
         self._end_reason = DropReason.CLOSED
         self._overflow = policy.overflow
         self._invoke: Next | None = None
@@ -104,6 +110,38 @@ class SubscriptionSink:
         # Created on the first retained message from a broker (never on memory://'s
         # in-process path): live messages pay one None check until then.
         self._ledger: RetainedLedger | None = None
+        self.takes_payloads = False
+        """Set by the handler worker: in-process publishers may `push` pre-copied payloads."""
+
+    def push(self, item: Pushed) -> bool:
+        """For an in-process transport: queue ``(topic, payload copy, local)``, as `deliver`.
+
+        Only for a sink with `takes_payloads` set: a live, non-retained message whose payload
+        the publisher already copied for this subscription alone (see `Message.local` for
+        ``local``), so the worker neither decodes nor copies it. Returns like `deliver`.
+
+        A transport may inline the common case: while ``len(sink._buf) < sink._push_high``,
+        append the item and call `_wake` if ``sink._waiter`` is set (`MemoryTransport`).
+        Pushed items are not counted in ``_received`` / ``_processed``: those track a
+        retained replay's progress, and a pushed message is never one.
+        """
+        buf = self._buf
+        if self._closed:
+            self._stats.drop(self._end_reason)
+            return True
+        if len(buf) >= self._cap:
+            self._stats.drop(DropReason.OVERFLOW)
+            self._warn_overflow()
+            if self._overflow != "drop_oldest":
+                return self._overflow == "drop_newest"
+            oldest = buf.popleft()
+            self._release(oldest)
+            if type(oldest) is not tuple:
+                self._processed += 1  # the discarded one will never be handled
+        buf.append(item)
+        if self._waiter is not None:
+            self._wake()
+        return len(buf) < self._high or self._overflow != "block"
 
     async def _call_handler(self, env: Envelope[Any]) -> None:
         """Adapt a plain (or awaitable-returning) handler to the async chain."""
@@ -196,13 +234,13 @@ class SubscriptionSink:
                 timeout,
             )
 
-    def _release(self, message: Message) -> None:
+    def _release(self, message: Message | Pushed) -> None:
         """Acknowledge now a message that will not be acknowledged after a handler ran.
 
         That is one this subscription dropped (counted), or an iterator's retained replay.
         Without the ack an at-least-once transport would keep it in flight forever and stall.
         """
-        if message.ack is not None:
+        if type(message) is Message and message.ack is not None:  # not a pushed payload
             self._host.spawn(self._ack(message))
 
     async def _ack(self, message: Message) -> None:

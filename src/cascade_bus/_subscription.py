@@ -13,7 +13,7 @@ import logging
 import warnings
 from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import msgspec
 
@@ -22,7 +22,7 @@ from ._errors import BusClosed
 from ._policy import Handler, Overflow, SubscriptionPolicy
 from ._sink import as_decode_error
 from ._stats import DropReason
-from ._transport import TransportSubscription
+from ._transport import Message, TransportSubscription
 from ._worker import HandlerWorker
 
 __all__ = ["Handler", "Overflow", "SubscribeCall", "Subscription", "SubscriptionPolicy"]
@@ -75,7 +75,7 @@ class Subscription(HandlerWorker, Generic[T]):
         buf = self._buf
         while True:
             if buf:
-                message = buf.popleft()
+                message = cast(Message, buf.popleft())  # an iterator is never pushed to
                 if self._room is not None:
                     self._made_room()
                 self._processed += 1
@@ -151,6 +151,7 @@ class Subscription(HandlerWorker, Generic[T]):
         kept as after a crash instead of being removed as after `unsubscribe`.
         """
         self._closed = True
+        self._push_high = 0  # in-process publishers take the slow path (`push`): dropped
         self._end_reason = reason
         if self._on_close is not None:
             self._on_close(self)

@@ -14,15 +14,21 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ._sink import SubscriptionSink, as_decode_error
+from ._sink import Pushed, SubscriptionSink, as_decode_error
 from ._stats import DropReason
 from ._stub import envelope_of
+from ._transport import Message
 
 if TYPE_CHECKING:
     from ._envelope import Envelope
-    from ._transport import Message
 
 __all__ = ["HandlerWorker", "PayloadHandler"]
+
+#: The queue length at which an in-process publisher waits for a handler subscription.
+_LOCAL_HIGH_WATER = 256
+
+#: Stands for a pushed item once its envelope is built: no ack, nothing to release.
+_PUSHED = Message("", b"")
 
 log = logging.getLogger("cascade_bus")
 
@@ -51,18 +57,34 @@ class PayloadHandler:
 class HandlerWorker(SubscriptionSink):
     """Handler mode of a subscription: the worker task and its retries (see `Subscription`)."""
 
-    def start(self, name: str) -> None:
-        """For the bus: start the worker task (named ``name``) of a handler subscription."""
+    def start(self, name: str, *, in_process: bool = False) -> None:
+        """For the bus: start the worker task (named ``name``) of a handler subscription.
+
+        ``in_process``: the transport is in this process (memory://), so publishers may `push`
+        payload copies, and the queue stays short (a publisher that runs far ahead only
+        adds cache misses).
+        """
         handler = self._handler
-        run = (
-            self._run_payloads(handler)
-            if isinstance(handler, PayloadHandler)
+        payloads = (
+            isinstance(handler, PayloadHandler)
             and self._direct
             and self._sem is None
             and not self._policy.dedupe
             and self._json_copy is not None
-            else self._run()
         )
+        run = self._run_payloads(handler) if payloads else self._run()  # type: ignore[arg-type]
+        # Untyped JSON, in order, no filter: an in-process publisher may hand over its copies.
+        self.takes_payloads = (
+            in_process
+            and self._json_copy is not None
+            and self._sem is None
+            and self._filter is None
+        )
+        if self.takes_payloads:
+            self._high = min(self._high, _LOCAL_HIGH_WATER)
+            self._low = self._high // 2
+            if self._overflow == "block":
+                self._push_high = self._high
         self._task = asyncio.get_running_loop().create_task(run, name=name)
 
     async def _run_payloads(self, handler: PayloadHandler) -> None:
@@ -83,9 +105,28 @@ class HandlerWorker(SubscriptionSink):
                 self._waiter = waiter = loop.create_future()
                 await waiter
                 continue
-            message = buf.popleft()
+            item = buf.popleft()
             if self._room is not None and len(buf) <= self._low:
                 self._made_room()
+            if type(item) is tuple:  # pushed by a publisher in this process: ours alone
+                topic, payload, _ = item
+                if type(payload) is not dict:
+                    payload = shape(payload)
+                try:
+                    await callback(topic, payload)
+                except Exception as exc:  # retried or reported with a fresh copy
+                    try:
+                        await self._failed(self._envelope(item), exc)
+                    except asyncio.CancelledError:
+                        stats.drop(self._end_reason)
+                        raise
+                except asyncio.CancelledError:  # the subscription ended under this message
+                    stats.drop(self._end_reason)
+                    raise
+                else:
+                    stats.delivered += 1
+                continue  # (not counted: see `SubscriptionSink.push`)
+            message: Message = item  # type: ignore[assignment]  # (mypy: not narrowed)
             local = message.local
             try:
                 if local is not None and local[1] is not None and not local[2]:
@@ -119,8 +160,11 @@ class HandlerWorker(SubscriptionSink):
             else:
                 await self._finish(message)
 
-    def _envelope(self, message: Message) -> Envelope[Any]:
+    def _envelope(self, message: Message | Pushed) -> Envelope[Any]:
         """A fresh envelope of a message already decoded once (for retries and reports)."""
+        if type(message) is tuple:
+            return self._decode_local(message[2])
+        assert isinstance(message, Message)
         local = message.local
         if local is None:
             env = self._decode(message.topic, message.data, message.headers)
@@ -150,28 +194,40 @@ class HandlerWorker(SubscriptionSink):
                 self._waiter = waiter = loop.create_future()
                 await waiter
                 continue
-            message = buf.popleft()
+            item = buf.popleft()
             if self._room is not None and len(buf) <= self._low:
                 self._made_room()
             try:
-                local = message.local
-                if local is None:
-                    env = decode(message.topic, message.data, message.headers)
-                    if message.retained is not env.retained:  # receipt decides, not the body
-                        env = replace(env, retained=message.retained)
-                elif json_copy is not None and local[1] is not None and not local[2]:
-                    env = local[0]
-                    if type(env) is tuple:  # a `Stub` (the Connector's publishes)
-                        env = envelope_of(env, json_copy(local[1]))
+                if type(item) is tuple:  # pushed by a publisher in this process: ours alone
+                    message = _PUSHED  # nothing to acknowledge
+                    _, payload, (env, _, _) = item
+                    if type(env) is tuple:  # a `Stub`
+                        env = envelope_of(env, payload)
                     else:
                         headers = env.headers
                         env = replace(
-                            env,
-                            payload=json_copy(local[1]),
-                            headers=dict(headers) if headers else {},
+                            env, payload=payload, headers=dict(headers) if headers else {}
                         )
-                else:  # (in-process messages are never retained replays)
-                    env = decode_local(local)
+                else:
+                    message = item  # type: ignore[assignment]  # (mypy: not narrowed)
+                    local = message.local
+                    if local is None:
+                        env = decode(message.topic, message.data, message.headers)
+                        if message.retained is not env.retained:  # receipt decides
+                            env = replace(env, retained=message.retained)
+                    elif json_copy is not None and local[1] is not None and not local[2]:
+                        env = local[0]
+                        if type(env) is tuple:  # a `Stub` (the Connector's publishes)
+                            env = envelope_of(env, json_copy(local[1]))
+                        else:
+                            headers = env.headers
+                            env = replace(
+                                env,
+                                payload=json_copy(local[1]),
+                                headers=dict(headers) if headers else {},
+                            )
+                    else:  # (in-process messages are never retained replays)
+                        env = decode_local(local)
             except Exception as exc:  # a bad message must never stop the subscription
                 stats.drop(DropReason.DECODE_ERROR)
                 report(as_decode_error(exc, message.topic), message.topic, None)
@@ -199,6 +255,8 @@ class HandlerWorker(SubscriptionSink):
                 raise
             else:
                 stats.delivered += 1
+            if message is _PUSHED:
+                continue  # (not counted: see `SubscriptionSink.push`)
             if message.ack is None and self._progress is None:
                 self._processed += 1  # `_finish` inline: no coroutine per message
             else:
@@ -235,6 +293,8 @@ class HandlerWorker(SubscriptionSink):
 
     async def _finish(self, message: Message) -> None:
         """Ack (at-least-once transports) and record progress for retained catch-up."""
+        if message is _PUSHED:
+            return  # nothing to acknowledge, and not counted (see `SubscriptionSink.push`)
         if message.ack is not None:
             await self._ack(message)
         self._processed += 1
