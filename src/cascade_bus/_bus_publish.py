@@ -11,7 +11,7 @@ import asyncio
 import builtins
 from collections.abc import Awaitable, Mapping
 from time import time as _time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _envelope, _stub
 from ._bus_lifecycle import BusLifecycle
@@ -30,6 +30,9 @@ from ._finite import check_finite, suspect
 from ._middleware import compose
 from ._stats import DropReason
 from ._topics import validate_topic
+
+if TYPE_CHECKING:
+    from datetime import datetime
 
 __all__ = ["BusPublishing"]
 
@@ -120,35 +123,11 @@ class BusPublishing(BusLifecycle):
                     topic, payload, headers=headers, correlation_id=correlation_id,
                     reply_to=reply_to, type=type,
                 )  # fmt: skip
-            else:  # `Codec.envelope` and `Codec.local` inlined for the common case
-                env = Envelope(
-                    id=_envelope.next_id(), source=self._source, type=DEFAULT_TYPE,
-                    time=_now(), topic=topic, payload=payload, headers={},
-                )  # fmt: skip
-                limit = self._local_limit
-                try:
-                    body = self._local_encode(payload)
-                except (TypeError, ValueError, OverflowError):
-                    body = None  # `_send_local` raises the EncodeError
-                if (
-                    body is not None
-                    and (
-                        self._local_msgpack or body.find(b"null") >= 0  # `suspect` inlined for JSON
-                    )
-                    and suspect(body, self._local_msgpack)
-                ):
-                    body = None  # maybe a NaN: `_send_local` checks (and raises EncodeError)
-                if body is not None and (limit is None or len(body) + 1024 <= limit):
-                    try:
-                        pending = self._publish_local(topic, (env, body, self._local_msgpack), qos)
-                    except BusError:
-                        self._stats.drop(DropReason.PUBLISH_FAILED)
-                        raise
-                    if pending is None:
-                        self._stats.published += 1
-                        return
-                    await self._finish_send(topic, pending, qos)
-                    return
+            else:  # no metadata: subscribers build the envelope from a `Stub`
+                pending = self._publish_stub(topic, payload, qos, _envelope.next_id(), _now())
+                if pending is not None:
+                    await pending
+                return
             pending = self._send_local(env, qos)
             if pending is not None:
                 await pending
@@ -189,6 +168,14 @@ class BusPublishing(BusLifecycle):
             self._valid_topics.add(topic)
         if qos:
             self._check_qos(qos)
+        return self._publish_stub(topic, payload, qos, _stub.next_seq(), _time())
+
+    def _publish_stub(
+        self, topic: str, payload: Any, qos: int, seq: int | str, when: float | datetime
+    ) -> Awaitable[None] | None:
+        """`_publish_payload` once the topic and QoS are checked; ``seq``, ``when`` as in `Stub`."""
+        local = self._payload_local
+        assert local is not None
         msgpack = self._local_msgpack
         try:
             body = self._local_encode(payload)
@@ -200,9 +187,11 @@ class BusPublishing(BusLifecycle):
         if (msgpack or body.find(b"null") >= 0) and suspect(body, msgpack):  # inlined
             check_finite(payload, body, msgpack=msgpack, topic=topic)
         limit = self._payload_limit
-        if limit is not None and len(body) + 1024 > limit:
-            return self.publish(topic, payload, qos=qos)  # near the limit: measure it all
-        stub = (topic, self._source, _stub.next_seq(), _time())
+        if limit is not None and len(body) + 1024 > limit:  # near the limit: measure it all
+            if self._publish_local is None:  # (the raw format: it sends the payload alone)
+                return self.publish(topic, payload, qos=qos)
+            return self._send_local(self._codec.envelope(topic, payload), qos)
+        stub = (topic, self._source, seq, when)
         try:
             pending = local(topic, (stub, body, msgpack), qos)
         except BusError:

@@ -284,9 +284,9 @@ class MemoryTransport(Transport):
                 if not deliver(message):
                     (full := full or []).append(deliver.__self__)  # type: ignore[attr-defined]
             for members, counter in route.groups:
-                sink = members[next(counter) % len(members)].sink
-                if not sink.deliver(message):
-                    (full := full or []).append(sink)
+                member = members[next(counter) % len(members)]
+                if not member.sink.deliver(message):
+                    (full := full or []).append(member.sink)
         return _wait_ready(full) if full else None
 
     async def subscribe(

@@ -18,8 +18,12 @@ from ._envelope import DEFAULT_TYPE, Envelope
 
 __all__ = ["Stub", "envelope_of", "next_seq"]
 
-Stub = tuple[str, str, int, float]
-"""``(topic, source, sequence number, publish time as a UNIX timestamp)``."""
+Stub = tuple[str, str, "int | str", "float | datetime"]
+"""``(topic, source, sequence number or id, publish time)``.
+
+The `Connector`'s publishes take the cheapest (a sequence number, a UNIX timestamp) and leave
+the envelope's id and datetime to the rare subscriber that needs one; `Bus.publish` takes the
+id and datetime themselves, since every subscriber builds an envelope from them."""
 
 
 def _reseed() -> None:
@@ -40,10 +44,10 @@ def envelope_of(stub: Stub, payload: Any) -> Envelope[Any]:
     """The envelope a stub stands for, carrying this subscriber's copy of the payload."""
     topic, source, seq, when = stub
     return Envelope(
-        id=f"{_prefix}{seq}",
+        id=seq if type(seq) is str else f"{_prefix}{seq}",
         source=source,
         type=DEFAULT_TYPE,
-        time=datetime.fromtimestamp(when, UTC),
+        time=when if type(when) is datetime else datetime.fromtimestamp(when, UTC),  # type: ignore[arg-type]
         topic=topic,
         payload=payload,
         headers={},
