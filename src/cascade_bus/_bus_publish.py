@@ -124,7 +124,7 @@ class BusPublishing(BusLifecycle):
                     reply_to=reply_to, type=type,
                 )  # fmt: skip
             else:  # no metadata: subscribers build the envelope from a `Stub`
-                pending = self._publish_stub(topic, payload, qos, _envelope.next_id(), _now())
+                pending = self._publish_payload(topic, payload, qos, _envelope.next_id(), _now())
                 if pending is not None:
                     await pending
                 return
@@ -145,13 +145,20 @@ class BusPublishing(BusLifecycle):
             await pending
 
     def _publish_payload(
-        self, topic: str, payload: dict[str, Any], qos: int = 0
+        self,
+        topic: str,
+        payload: Any,
+        qos: int = 0,
+        seq: int | str | None = None,
+        when: float | datetime | None = None,
     ) -> Awaitable[None] | None:
-        """`publish` of a dict without metadata, not retained: the `Connector`'s hot path.
+        """`publish` of a payload without metadata, not retained: the `Connector`'s hot path.
 
         In process (memory://) the subscribers get the payload and a `Stub` instead of an
         envelope, and no coroutine is made: returns None once handed over, else an awaitable
         to wait on (a full subscriber, QoS 1; on other transports, `publish` itself).
+        ``seq`` and ``when`` are the stub's (see `Stub`): by default a sequence number and a
+        UNIX time, which `Bus.publish` replaces with the id and datetime it would send.
 
         Raises:
             As `publish`.
@@ -168,14 +175,6 @@ class BusPublishing(BusLifecycle):
             self._valid_topics.add(topic)
         if qos:
             self._check_qos(qos)
-        return self._publish_stub(topic, payload, qos, _stub.next_seq(), _time())
-
-    def _publish_stub(
-        self, topic: str, payload: Any, qos: int, seq: int | str, when: float | datetime
-    ) -> Awaitable[None] | None:
-        """`_publish_payload` once the topic and QoS are checked; ``seq``, ``when`` as in `Stub`."""
-        local = self._payload_local
-        assert local is not None
         msgpack = self._local_msgpack
         try:
             body = self._local_encode(payload)
@@ -191,7 +190,12 @@ class BusPublishing(BusLifecycle):
             if self._publish_local is None:  # (the raw format: it sends the payload alone)
                 return self.publish(topic, payload, qos=qos)
             return self._send_local(self._codec.envelope(topic, payload), qos)
-        stub = (topic, self._source, seq, when)
+        stub = (
+            topic,
+            self._source,
+            _stub.next_seq() if seq is None else seq,
+            _time() if when is None else when,
+        )
         try:
             pending = local(topic, (stub, body, msgpack), qos)
         except BusError:

@@ -48,7 +48,7 @@ class _Member:
 class _Route:
     """The subscriptions one concrete topic reaches: plain ones and queue groups."""
 
-    __slots__ = ("delivers", "groups", "others", "plain", "pushes")
+    __slots__ = ("delivers", "groups", "others", "plain", "pushes", "single")
 
     def __init__(
         self, plain: list[_Member], groups: list[tuple[list[_Member], itertools.count[int]]]
@@ -66,6 +66,8 @@ class _Route:
             if t
         ]
         self.others = [m.sink.deliver for m, t in zip(plain, takes, strict=True) if not t]
+        # Just one subscription, and it takes payloads: `publish_local`'s shortest path.
+        self.single = len(self.pushes) == 1 and not self.others and not groups
 
 
 class MemoryBroker:
@@ -243,6 +245,20 @@ class MemoryTransport(Transport):
             raise BusClosed("memory transport is closed")
         broker = self.broker
         route = broker._routes.get(topic) or broker.route(topic)
+        body = local[1]
+        if route.single and body is not None and not local[2]:
+            # One subscription, the common case: it gets the payload decoded from the body,
+            # its own copy (made here, before the publisher can change its object); `push`
+            # inlined.
+            sink = route.pushes[0]
+            item = (topic, _decode(body), local)
+            buf = sink._buf
+            if len(buf) < sink._push_high:
+                buf.append(item)
+                if sink._waiter is not None:
+                    sink._wake()
+                return None
+            return None if sink.push(item) else _wait_ready([sink])
         if not route.plain and not route.groups:
             if qos:
                 self.stats.drop(DropReason.NO_SUBSCRIBER)
@@ -250,34 +266,17 @@ class MemoryTransport(Transport):
             reply_to = None if type(env) is tuple else env.reply_to  # a `Stub` has none
             if reply_to and self.on_no_responders is not None:
                 self.on_no_responders(reply_to)
-        full: list[MessageSink] | None = None
-        delivers = route.delivers
         pushes = route.pushes
-        if pushes and local[1] is not None and not local[2]:
-            # Each subscription that can take one gets its own copy of the payload, made here
-            # (before the publisher can change its object): one decode, then plain copies of
-            # a flat dict, shared immutable values, or a decode each for anything nested.
-            body = local[1]
+        if pushes and body is not None and not local[2]:
+            # Each subscription that can take one gets its own copy of the payload: one
+            # decode, then plain copies of a flat dict, shared immutable values, or a decode
+            # each for anything nested.
             first = _decode(body)
-            last = len(pushes) - 1
-            if last:
-                kind = type(first)
-                flat = kind is dict and body.count(b"{") == 1 and body.find(b"[") < 0
-                shared = kind in _IMMUTABLE
-            for i, sink in enumerate(pushes):
-                if i == last:
-                    copy = first
-                else:
-                    copy = first.copy() if flat else first if shared else _decode(body)
-                # `SubscriptionSink.push`, inlined for the common case
-                buf = sink._buf
-                if len(buf) < sink._push_high:
-                    buf.append((topic, copy, local))
-                    if sink._waiter is not None:
-                        sink._wake()
-                elif not sink.push((topic, copy, local)):
-                    (full := full or []).append(sink)
+            full = self._push_copies(pushes, topic, first, local)
             delivers = route.others
+        else:
+            full = None
+            delivers = route.delivers
         if delivers or route.groups:
             message = Message(topic, b"", None, False, qos, None, local)  # positional: faster
             for deliver in delivers:
@@ -288,6 +287,36 @@ class MemoryTransport(Transport):
                 if not member.sink.deliver(message):
                     (full := full or []).append(member.sink)
         return _wait_ready(full) if full else None
+
+    @staticmethod
+    def _push_copies(
+        pushes: list[SubscriptionSink],
+        topic: str,
+        first: Any,
+        local: tuple[Any, bytes | None, bool],
+    ) -> list[MessageSink] | None:
+        """Push each sink its own copy of ``first`` (decoded from ``local``); the full ones."""
+        body = local[1]
+        assert body is not None
+        kind = type(first)
+        flat = kind is dict and body.count(b"{") == 1 and body.find(b"[") < 0
+        shared = kind in _IMMUTABLE
+        full: list[MessageSink] | None = None
+        last = pushes[-1]
+        for sink in pushes:
+            if sink is last:
+                copy = first
+            else:
+                copy = first.copy() if flat else first if shared else _decode(body)
+            # `SubscriptionSink.push`, inlined for the common case
+            buf = sink._buf
+            if len(buf) < sink._push_high:
+                buf.append((topic, copy, local))
+                if sink._waiter is not None:
+                    sink._wake()
+            elif not sink.push((topic, copy, local)):
+                (full := full or []).append(sink)
+        return full
 
     async def subscribe(
         self,

@@ -220,6 +220,11 @@ class SubscriptionSink:
             return
         if self._task is not None and asyncio.current_task() is self._task:
             return  # a handler publishing to its own subscription must not wait on itself
+        # One turn of the loop first: a handler that does not wait drains the queue in it,
+        # which costs far less than a wait with a timeout.
+        await asyncio.sleep(0)
+        if len(self._buf) <= self._low or self._closed:
+            return
         if self._room is None:
             self._room = asyncio.Event()
         room = self._room
