@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -139,7 +140,9 @@ class BusCore:
             if isinstance(transport, LocalPublisher) and not self._publish_steps
             else None
         )
-        self._payload_limit = transport.max_payload if self._payload_local is not None else None
+        # Bodies longer than this are measured as a whole envelope (1 KiB below the limit).
+        limit = transport.max_payload if self._payload_local is not None else None
+        self._payload_near_limit = sys.maxsize if limit is None else limit - 1024
         self._local_msgpack = self._format == "msgpack"
         self._local_encode = local_payload_encoder(self._local_msgpack)
         # The transport's hot path, bound once.

@@ -185,8 +185,7 @@ class BusPublishing(BusLifecycle):
             ) from None
         if (msgpack or body.find(b"null") >= 0) and suspect(body, msgpack):  # inlined
             check_finite(payload, body, msgpack=msgpack, topic=topic)
-        limit = self._payload_limit
-        if limit is not None and len(body) + 1024 > limit:  # near the limit: measure it all
+        if len(body) > self._payload_near_limit:  # near the limit: measure it all
             if self._publish_local is None:  # (the raw format: it sends the payload alone)
                 return self.publish(topic, payload, qos=qos)
             return self._send_local(self._codec.envelope(topic, payload), qos)

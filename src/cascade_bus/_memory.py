@@ -66,8 +66,11 @@ class _Route:
             if t
         ]
         self.others = [m.sink.deliver for m, t in zip(plain, takes, strict=True) if not t]
-        # Just one subscription, and it takes payloads: `publish_local`'s shortest path.
-        self.single = len(self.pushes) == 1 and not self.others and not groups
+        # The one subscription, when it is the only one and takes payloads: `publish_local`'s
+        # shortest path.
+        self.single = (
+            self.pushes[0] if len(self.pushes) == 1 and not self.others and not groups else None
+        )
 
 
 class MemoryBroker:
@@ -246,11 +249,11 @@ class MemoryTransport(Transport):
         broker = self.broker
         route = broker._routes.get(topic) or broker.route(topic)
         body = local[1]
-        if route.single and body is not None and not local[2]:
+        sink = route.single
+        if sink is not None and body is not None and not local[2]:
             # One subscription, the common case: it gets the payload decoded from the body,
             # its own copy (made here, before the publisher can change its object); `push`
             # inlined.
-            sink = route.pushes[0]
             item = (topic, _decode(body), local)
             buf = sink._buf
             if len(buf) < sink._push_high:
@@ -258,7 +261,7 @@ class MemoryTransport(Transport):
                 if sink._waiter is not None:
                     sink._wake()
                 return None
-            return None if sink.push(item) else _wait_ready([sink])
+            return None if sink.push(item) else sink.ready()
         if not route.plain and not route.groups:
             if qos:
                 self.stats.drop(DropReason.NO_SUBSCRIBER)

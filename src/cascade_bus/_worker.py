@@ -97,6 +97,7 @@ class HandlerWorker(SubscriptionSink):
         decode = self._decode
         decode_local = self._decode_local
         stats = self._stats
+        low = self._low
         loop = asyncio.get_running_loop()
         while True:
             if not buf:
@@ -106,7 +107,7 @@ class HandlerWorker(SubscriptionSink):
                 await waiter
                 continue
             item = buf.popleft()
-            if self._room is not None and len(buf) <= self._low:
+            if len(buf) <= low and self._room is not None:
                 self._made_room()
             if type(item) is tuple:  # pushed by a publisher in this process: ours alone
                 topic, payload, _ = item
