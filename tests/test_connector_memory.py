@@ -75,6 +75,49 @@ async def test_each_subscriber_gets_its_own_copy(connector: Connector) -> None:
     assert got is not sent
 
 
+async def test_a_lone_subscriber_gets_a_copy_too(connector: Connector) -> None:
+    received = Received()
+    await connector.subscribe("lone/x", received)  # the one-subscription path
+    sent = {"state": "RUNNING", "n": 1}
+    await connector.publish("lone/x", sent)
+    sent["state"] = "CHANGED BY THE PUBLISHER"  # before the callback ran
+    ((_, got),) = await received.wait(1)
+    assert got == {"state": "RUNNING", "n": 1}
+    assert got is not sent
+
+
+async def test_a_slow_callback_holds_the_publisher_back(connector: Connector) -> None:
+    gate = asyncio.Event()
+    seen: list[int] = []
+    all_seen = asyncio.Event()
+
+    async def slow(_topic: str, payload: dict[str, Any]) -> None:
+        await gate.wait()  # a callback that really waits, unlike the benchmark's
+        seen.append(payload["seq"])
+        if len(seen) == 1000:
+            all_seen.set()
+
+    await connector.subscribe("slow/x", slow)
+    bus = connector.bus
+    assert bus is not None
+
+    async def publish_all() -> None:
+        for i in range(1000):
+            await connector.publish("slow/x", {"seq": i})
+
+    publisher = asyncio.create_task(publish_all())
+    for _ in range(2000):  # turns enough to publish all 1,000 if nothing held it back
+        await asyncio.sleep(0)
+    assert not publisher.done()
+    assert 100 <= bus.stats().buffered <= 256  # the queue filled up, and no further
+    gate.set()
+    async with asyncio.timeout(WAIT):
+        await publisher
+        await all_seen.wait()
+    assert seen == list(range(1000))
+    assert connector.publish_failures == 0
+
+
 async def test_fifo_and_counters(connector: Connector) -> None:
     received = Received()
     await connector.subscribe("fifo/+", received)
