@@ -140,6 +140,8 @@ class BusCore:
             if isinstance(transport, LocalPublisher) and not self._publish_steps
             else None
         )
+        # `Bus.publish` without metadata takes the `Connector`'s path (a `Stub` in process).
+        self._stub_publish = self._publish_local is not None and self._payload_local is not None
         # Bodies longer than this are measured as a whole envelope (1 KiB below the limit).
         limit = transport.max_payload if self._payload_local is not None else None
         self._payload_near_limit = sys.maxsize if limit is None else limit - 1024

@@ -73,6 +73,15 @@ class BusPublishing(BusLifecycle):
             PublishError: the broker refused it or it timed out.
             BusClosed: the bus is not open.
         """
+        if (
+            self._stub_publish
+            and not (retain or headers or type or correlation_id or reply_to)
+            and builtins.type(payload) is not bytes
+        ):  # in process, no metadata: `_publish_payload` checks and hands over a `Stub`
+            pending = self._publish_payload(topic, payload, qos, _envelope.next_id(), _now())
+            if pending is not None:
+                await pending
+            return
         if not self._live:
             self._check_open()
         if builtins.type(topic) is not str or topic not in self._valid_topics:
@@ -118,16 +127,11 @@ class BusPublishing(BusLifecycle):
             and not retain
             and (builtins.type(payload) is not bytes or payload)
         ):
-            if headers or correlation_id or reply_to or type or builtins.type(payload) is bytes:
-                env = self._codec.envelope(
-                    topic, payload, headers=headers, correlation_id=correlation_id,
-                    reply_to=reply_to, type=type,
-                )  # fmt: skip
-            else:  # no metadata: subscribers build the envelope from a `Stub`
-                pending = self._publish_payload(topic, payload, qos, _envelope.next_id(), _now())
-                if pending is not None:
-                    await pending
-                return
+            # (with metadata or bytes: without, the `Stub` path above took it)
+            env = self._codec.envelope(
+                topic, payload, headers=headers, correlation_id=correlation_id,
+                reply_to=reply_to, type=type,
+            )  # fmt: skip
             pending = self._send_local(env, qos)
             if pending is not None:
                 await pending
