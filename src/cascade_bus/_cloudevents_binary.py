@@ -13,7 +13,8 @@ import contextlib
 import re
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from types import MappingProxyType
+from typing import Any, cast
 from urllib.parse import quote, unquote
 
 import msgspec
@@ -148,11 +149,46 @@ def read_binary_headers(
     """Received headers as (attributes, other headers, the ``content-type`` header).
 
     ``ce-`` names are matched case-insensitively (NATS header names are) and their values
-    decoded; ``ce-cascadeheaders`` is unpacked into the other headers.
+    decoded; ``ce-cascadeheaders`` is unpacked into the other headers. Shared read-only
+    mappings (a transport's cached blocks, and the base of a `WithId`) are read once.
 
     Raises:
         DecodeError: a ``ce-`` value is not UTF-8 once percent-decoded.
     """
+    kind = type(headers)
+    if kind is WithId:
+        with_id = cast(WithId, headers)
+        base = with_id.base
+        if type(base) is MappingProxyType and "ce-id" not in base:
+            meta, own, content_type = _read_shared(base)
+            msg_id = decode_header_value(with_id.id, "ce-id")
+            return {**meta, "id": msg_id}, dict(own), content_type
+    elif kind is MappingProxyType:
+        meta, own, content_type = _read_shared(headers)
+        return dict(meta), dict(own), content_type
+    return _read(headers)
+
+
+# `_read` of shared read-only mappings, by identity (the mapping is kept alive with it).
+_SHARED: dict[int, tuple[Mapping[str, str], tuple[dict[str, str], dict[str, str], str | None]]]
+_SHARED = {}
+
+
+def _read_shared(
+    headers: Mapping[str, str],
+) -> tuple[dict[str, str], dict[str, str], str | None]:
+    """`_read` once per shared mapping; callers copy the dicts before handing them on."""
+    hit = _SHARED.get(id(headers))
+    if hit is not None and hit[0] is headers:
+        return hit[1]
+    read = _read(headers)
+    if len(_SHARED) >= 256:
+        _SHARED.clear()
+    _SHARED[id(headers)] = (headers, read)
+    return read
+
+
+def _read(headers: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str], str | None]:
     meta: dict[str, str] = {}
     own: dict[str, str] = {}
     content_type: str | None = None

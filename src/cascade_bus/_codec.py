@@ -181,7 +181,7 @@ class Codec:
         try:
             body = _json_encode(
                 Envelope(
-                    id=new_id(),
+                    id=_envelope.next_id(),
                     source=self.source,
                     type=DEFAULT_TYPE,
                     time=_now(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from inspect import isawaitable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -188,6 +189,8 @@ class HandlerWorker(SubscriptionSink):
         sem = self._sem
         seen_ids: dict[str, None] | None = {} if self._policy.dedupe else None
         loop = asyncio.get_running_loop()
+        # A plain function without middleware is called here: no coroutine per message.
+        plain = self._handler if self._direct and not self._is_async else None
         while True:
             if not buf:
                 if self._closed:
@@ -244,7 +247,12 @@ class HandlerWorker(SubscriptionSink):
                 task.add_done_callback(self._running.discard)
                 continue
             try:
-                await invoke(env)
+                if plain is None:
+                    await invoke(env)
+                else:
+                    result = plain(env)
+                    if result is not None and isawaitable(result):
+                        await result
             except Exception as exc:  # a handler's failure must not stop the subscription
                 try:
                     await self._failed(env, exc)

@@ -142,12 +142,29 @@ class _Recorder:
         self.seen.append(("pong",))
 
 
-async def _run_parser(stream: bytes, cuts: list[int], fast: bool) -> list[tuple[Any, ...]]:
+class _AllRoutes(dict[int, Any]):
+    """Routes for every subscription id, recording as `_Recorder` does (headers parsed)."""
+
+    def __init__(self, client: _Recorder) -> None:
+        super().__init__()
+        self.client = client
+
+    def get(self, sid: int, default: Any = None) -> Any:
+        def route(subject: str, reply: str, data: bytes, headers: Any) -> None:
+            self.client.seen.append(("msg", sid, subject.encode(), reply.encode(), data,
+                                     None if headers is None else dict(headers)))  # fmt: skip
+
+        return route
+
+
+async def _run_parser(
+    stream: bytes, cuts: list[int], fast: bool, routed: bool = False
+) -> list[tuple[Any, ...]]:
     client = _Recorder()
     parser = Parser(client)
     if fast:
         client._ps = parser  # type: ignore[attr-defined]
-        install_parser(client)  # type: ignore[arg-type]
+        install_parser(client, _AllRoutes(client) if routed else None)  # type: ignore[arg-type]
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     for start, end in itertools.pairwise(points):
         await parser.parse(stream[start:end])
@@ -166,3 +183,14 @@ async def test_fast_parser_hands_over_exactly_what_nats_py_does(
     expected = await _run_parser(stream, cuts, fast=False)
     assert await _run_parser(stream, cuts, fast=True) == expected
     assert len(expected) == sum(1 for f in frames if not f.startswith(b"+OK"))
+    # Complete frames of routed subscriptions skip `_process_msg`: the same, headers parsed.
+    routed = await _run_parser(stream, cuts, fast=True, routed=True)
+    assert [_parsed(seen) for seen in routed] == [_parsed(seen) for seen in expected]
+
+
+def _parsed(seen: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A record with its headers as a dict, whether they were handed over raw or parsed."""
+    if seen[0] != "msg" or seen[5] is None:
+        return seen
+    headers = seen[5]
+    return (*seen[:5], parse_headers(headers) if isinstance(headers, bytes) else dict(headers))

@@ -18,8 +18,8 @@ from cascade_bus import ConnectError, ConnectionLost
 from cascade_bus.spi import DropReason, backoff_delays
 
 from ._errors import describe
-from ._fastpath import Writer
 from ._options import NatsOptions
+from ._writer import Writer
 
 if TYPE_CHECKING:
     from ._transport import NatsTransport

@@ -13,7 +13,7 @@ import nats.js.errors as js_errors
 
 from cascade_bus import BusError, ConnectError, PayloadTooLarge, PublishError, SubscribeError
 
-from ._fastpath import TooLarge
+from ._writer import TooLarge
 
 __all__ = [
     "GONE",

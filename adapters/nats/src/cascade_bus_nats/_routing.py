@@ -22,6 +22,7 @@ from cascade_bus.spi import (
     Message,
     MessageSink,
     TransportSubscription,
+    WithId,
     encode_header_value,
 )
 
@@ -247,7 +248,9 @@ class Entry(TransportSubscription):
         self, subject: str, reply: str, data: bytes, headers: Mapping[str, str] | None
     ) -> None:
         """A core message on the plain subject (published at QoS 0)."""
-        if headers and id(headers) in PLAIN:  # a shared block without status or own headers
+        if headers and (  # a shared block without status or own headers (and maybe an id)
+            id(headers) in PLAIN or (type(headers) is WithId and id(headers.base) in PLAIN)
+        ):
             if self.wild and (subject[0] == "$" or subject.startswith(INBOX)):
                 return
             if not reply and self.buffer is None and not self.waiting:

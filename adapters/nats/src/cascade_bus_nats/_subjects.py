@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from cascade_bus import InvalidTopic
 
 from ._errors import publish_error
-from ._fastpath import Writer
 from ._mapper import subject_from_topic
 from ._wire import MAX_SUBJECT_BYTES
+from ._writer import Writer
 
 __all__ = ["Head", "Subjects"]
 

@@ -33,7 +33,7 @@ from cascade_bus.spi import (
 
 from ._connection import Connection, close_quietly, open_client, round_trip
 from ._errors import GONE, publish_error, subscribe_error, too_large
-from ._fastpath import PublicWriter, Router, Writer, install_parser, supported
+from ._fastpath import Router, install_parser, supported
 from ._inflight import InFlight
 from ._jetstream import JetStream
 from ._mapper import NatsTopicMapper, subject_from_topic, topic_from_subject
@@ -46,6 +46,7 @@ from ._routing import Entry, nsub
 from ._subjects import Subjects
 from ._wire import DEFAULT_MAX_PAYLOAD, MAX_SUBJECT_BYTES, REVISION_HEADER, header_bytes
 from ._wire import reply_subject as _reply_subject
+from ._writer import PublicWriter, Writer
 
 __all__ = ["REVISION_HEADER", "NatsTransport"]
 
@@ -138,7 +139,7 @@ class NatsTransport(NatsPresence, NetworkTransport):
         self._nc = nc
         if supported(nc):
             self._router, self._writer = Router(nc), Writer(nc)
-            install_parser(nc)
+            install_parser(nc, self._router.routes)
         else:
             log.info("nats-py %r internals differ: using its public API (slower)", nc)
             self._router, self._writer = None, PublicWriter(nc)
@@ -228,12 +229,37 @@ class NatsTransport(NatsPresence, NetworkTransport):
         subject, so the server answers "no responders" when nobody listens (see
         `on_no_responders`); QoS 1 requests go through JetStream, which has no reply subject.
         """
-        reply = "" if reply_to is None else _reply_subject(reply_to)
-        if qos or retain or not self._connected or self._router is None:
+        writer = self._writer
+        if (
+            qos or retain or reply_to is not None or not self._connected
+            or self._router is None or type(writer) is not Writer
+        ):  # fmt: skip
+            reply = "" if reply_to is None else _reply_subject(reply_to)
             if qos == 1 and not retain and not reply and self._opts.jetstream:
                 return self._publishing.qos1_nowait(topic, data, headers)
-            return self._publish_slow(topic, data, qos, retain, headers, reply)
-        return self._publish_fast(topic, data, headers, reply)
+            if qos or retain or not self._connected or self._router is None:
+                return self._publish_slow(topic, data, qos, retain, headers, reply)
+            return self._publish_fast(topic, data, headers, reply)
+        # QoS 0 without a reply, connected: framed here and queued, no further call per message.
+        if not headers:
+            if len(data) > self._max_payload:
+                raise too_large(topic, len(data), self._max_payload)
+            prefix = self._pub_prefixes.get(topic)
+            if prefix is None:
+                prefix = self._subjects.pub_prefix(topic)
+            pending = writer.queue(prefix + b"%d\r\n" % len(data), data)
+        elif type(headers) is MappingProxyType:  # the bus's constant headers: framed once
+            head = self._hpub_heads.get(topic)
+            if head is None or head[0] is not headers:
+                head = self._subjects.head(writer, topic, headers, self._max_payload)
+            block = head[2]
+            size = len(block) + len(data)
+            if size > self._max_payload:
+                raise too_large(topic, size, self._max_payload)
+            pending = writer.queue(head[1] + b"%d\r\n" % size + block, data)
+        else:
+            return self._publish_fast(topic, data, headers)
+        return None if pending is None else self._room(pending)
 
     def _publish_fast(
         self, topic: str, data: bytes, headers: Mapping[str, str] | None, reply: str = ""
@@ -251,8 +277,8 @@ class NatsTransport(NatsPresence, NetworkTransport):
         kind = type(headers)
         if not reply and headers is not None and (kind is MappingProxyType or kind is WithId):
             # The bus's constant headers (and a raw message's id): framed once per topic.
-            if isinstance(headers, WithId):
-                fixed, msg_id = headers.base, headers.id
+            if kind is WithId:
+                fixed, msg_id = cast(WithId, headers).base, cast(WithId, headers).id
             else:
                 fixed, msg_id = headers, ""
             head = self._hpub_heads.get(topic)
