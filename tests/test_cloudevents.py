@@ -5,6 +5,7 @@ The broker round trips with the SDK live in each adapter's ``test_cloudevents_*.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import msgspec
@@ -14,7 +15,12 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
 from cascade_bus import DecodeError, Envelope
-from cascade_bus._cloudevents_binary import decode_header_value, encode_header_value
+from cascade_bus._cloudevents_binary import (
+    WithId,
+    decode_header_value,
+    encode_header_value,
+    read_binary_headers,
+)
 from cascade_bus._codec import Codec, decoder_for
 
 FORMAT = JSONFormat()
@@ -158,3 +164,20 @@ def test_another_producers_member_order_is_read_right() -> None:
     env = decoder_for().decode("arrived", body)
     assert (env.topic, env.content_type, env.payload) == ("s/t", "text/plain", "hi")
     assert env.headers == {"tenant": "acme"}
+
+
+def test_shared_binary_headers_are_read_once_and_copied_out() -> None:
+    """A transport's cached block (read-only) and a `WithId` over one read as a fresh dict
+    each time: the envelope of one message never shares (or changes) another's headers."""
+    base = MappingProxyType(
+        {"ce-source": "s%20rc", "ce-type": "t", "ce-cascadeheaders": '{"a":"1"}', "x": "y"}
+    )
+    plain = read_binary_headers(dict(base))
+    first = read_binary_headers(WithId(base, "id-1"))
+    second = read_binary_headers(WithId(base, "id%2D2"))
+    assert first[0] == {**plain[0], "id": "id-1"}
+    assert second[0]["id"] == "id-2"
+    assert first[1] == second[1] == plain[1] == {"a": "1", "x": "y"}
+    first[1]["changed"] = "by a handler"
+    assert read_binary_headers(base)[1] == plain[1]
+    assert read_binary_headers(base)[0] == plain[0]

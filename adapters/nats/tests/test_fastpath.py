@@ -9,13 +9,15 @@ from typing import Any
 import nats
 import pytest
 from cascade_bus_nats import NatsTopicMapper
-from cascade_bus_nats._fastpath import install_parser, parse_headers
+from cascade_bus_nats._fastpath import cached_headers, install_parser, parse_headers
+from cascade_bus_nats._wire import WithMsgId, split_headers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.protocol.parser import Parser
 
 import cascade_bus
 from cascade_bus import PublishError
+from cascade_bus.spi import WithId
 
 MAPPER = NatsTopicMapper()
 
@@ -38,6 +40,42 @@ MAPPER = NatsTopicMapper()
 )
 def test_parse_headers(raw: bytes, parsed: dict[str, str]) -> None:
     assert parse_headers(raw) == parsed
+
+
+_name = st.sampled_from(["ce-id", "Nats-Msg-Id", "ce-source", "content-type", "Status", "k"])
+_value = st.text(alphabet="ab:% \t-", max_size=8)
+
+
+@given(
+    lines=st.lists(st.tuples(_name, _value), max_size=4),
+    status=st.sampled_from(["", " 503"]),
+)
+def test_cached_headers_read_as_parse_headers(lines: list[tuple[str, str]], status: str) -> None:
+    """Blocks whose last line is a per-message id are split from their cached rest."""
+    raw = (f"NATS/1.0{status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in lines) + "\r\n").encode()
+    for _ in range(2):  # the second read hits the cache
+        assert dict(cached_headers(raw)) == parse_headers(raw)
+
+
+def test_a_per_message_id_shares_the_rest_of_its_block() -> None:
+    base = b"NATS/1.0\r\ncontent-type: application/cloudevents+json\r\n"
+    first = cached_headers(base + b"Nats-Msg-Id: cbus:me:1\r\n\r\n")
+    second = cached_headers(base + b"Nats-Msg-Id: cbus:other:2\r\n\r\n")
+    assert isinstance(first, WithMsgId)
+    assert isinstance(second, WithMsgId)
+    assert first.base is second.base
+    # Our own id is the adapter's (dropped, the shared rest handed on as it is); another
+    # publisher's stays for the handler to see.
+    assert split_headers(first, "cbus:me:")[0] is first.base
+    assert split_headers(second, "cbus:me:") == (second, None)
+    assert dict(second) == {"content-type": "application/cloudevents+json",
+                            "Nats-Msg-Id": "cbus:other:2"}  # fmt: skip
+    one = cached_headers(b"NATS/1.0\r\nce-source: s\r\nce-id: 1\r\n\r\n")
+    two = cached_headers(b"NATS/1.0\r\nce-source: s\r\nce-id: 2\r\n\r\n")
+    assert isinstance(one, WithId)
+    assert isinstance(two, WithId)
+    assert one.base is two.base
+    assert (one["ce-id"], two["ce-id"]) == ("1", "2")
 
 
 @pytest.mark.nats

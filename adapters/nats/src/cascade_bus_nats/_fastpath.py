@@ -34,7 +34,7 @@ from nats.protocol import parser as nats_parser
 
 from cascade_bus.spi import WithId
 
-from ._wire import MSG_ID, REVISION_HEADER, STATUS
+from ._wire import MSG_ID, REVISION_HEADER, STATUS, WithMsgId
 
 __all__ = [
     "Route",
@@ -107,28 +107,40 @@ _PARSED: dict[bytes, Mapping[str, str]] = {}
 #: adapter's own headers: a route hands them on as they are, without looking inside.
 PLAIN: set[int] = set()
 OWN_HEADERS = (STATUS, MSG_ID, REVISION_HEADER)
-_ID_LINE = b"\r\nce-id: "
+# Last lines that vary per message (a raw publisher's id, a QoS-1 publisher's Nats-Msg-Id):
+# the block before them is kept once.
+_ID_LINE = b"\r\nce-id:"
+_CE_ID = b"ce-id:"
+_MSG_ID = MSG_ID.encode() + b":"
 
 
 def cached_headers(raw: bytes) -> Mapping[str, str]:
     """`parse_headers` of a block, read-only, parsed once per distinct short block.
 
     A block that ends with a ``ce-id`` line (a raw-format publisher's constant headers and
-    its message id) is a `WithId` over the cached rest: the rest is parsed once.
+    its message id) is a `WithId` over the cached rest, one that ends with ``Nats-Msg-Id``
+    (a QoS-1 publish) a `WithMsgId`: the rest is parsed once.
     """
     hit = _PARSED.get(raw)
     if hit is not None:
         return hit
-    cut = raw.rfind(_ID_LINE)
-    if cut > 0 and raw.endswith(b"\r\n\r\n") and raw.find(b"\r\n", cut + 2) == len(raw) - 4:
-        base = raw[: cut + 2] + b"\r\n"
-        fixed = _PARSED.get(base)
-        if fixed is None and len(base) <= 512:
-            fixed = _keep(base, parse_headers(base))
-        if fixed is not None and "ce-id" not in fixed:
-            return WithId(fixed, raw[cut + 9 : -4].decode("utf-8", "replace").strip(" \t"))
+    cut = raw.rfind(b"\r\n", 0, len(raw) - 4)  # where the last header line starts
+    if cut > 0 and raw.endswith(b"\r\n\r\n"):
+        last = raw[cut + 2 : -4]
+        if last.startswith((_CE_ID, _MSG_ID)) and b"\n" not in last and b"\r" not in last:
+            base = raw[: cut + 2] + b"\r\n"
+            fixed = _PARSED.get(base)
+            if fixed is None and len(base) <= 512 and _ID_LINE not in base:
+                fixed = _keep(base, parse_headers(base))
+            if fixed is not None:
+                name, _, value = last.decode("utf-8", "replace").partition(":")
+                value = value.strip(" \t")
+                if name == "ce-id" and "ce-id" not in fixed:
+                    return WithId(fixed, value)
+                if name == MSG_ID and MSG_ID not in fixed:
+                    return WithMsgId(fixed, value)
     parsed = parse_headers(raw)
-    if len(raw) > 512:  # long blocks are rarely repeated: do not keep them
+    if len(raw) > 512 or _MSG_ID in raw:  # long or per-message blocks: not kept
         return parsed
     return _keep(raw, parsed)
 

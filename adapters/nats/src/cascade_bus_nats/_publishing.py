@@ -19,10 +19,10 @@ import nats.errors as nats_errors
 from cascade_bus import BusClosed, PublishError
 from cascade_bus.spi import DropReason
 
-from ._errors import GONE, publish_error, send_error
+from ._errors import GONE, publish_error, send_error, too_large
 from ._mapper import topic_from_subject
 from ._outgoing import Out, Outbox
-from ._wire import JS_HEADROOM, KV_OP, MSG_ID, REVISION_HEADER
+from ._wire import JS_HEADROOM, JS_HEADROOM_BYTES, KV_OP, MSG_ID, REVISION_HEADER, header_bytes
 
 if TYPE_CHECKING:
     from ._transport import NatsTransport
@@ -65,7 +65,9 @@ class Publishing:
         if t._closed:
             raise BusClosed("the NATS transport is closed")
         extra: dict[str, str] = dict(headers) if headers else {}
-        t._check_size(topic, data, {**extra, **JS_HEADROOM})
+        size = len(data) + JS_HEADROOM_BYTES + (header_bytes(headers) if headers else 0)
+        if size > t._max_payload:
+            raise too_large(topic, size, t._max_payload)
         extra[MSG_ID] = self.next_msg_id()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         out = Out(topic, t._q1_prefix + t._subject(topic), data, extra, future, confirm=True)

@@ -5,7 +5,8 @@ Plain functions and msgspec decoders only; no state.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 
 import msgspec
 
@@ -92,6 +93,32 @@ def is_no_responders(data: bytes, headers: Mapping[str, str]) -> bool:
     return not data and headers.get(STATUS) == "503"
 
 
+class WithMsgId(Mapping[str, str]):
+    """A shared, parsed header block plus one message's ``Nats-Msg-Id`` (its last line).
+
+    What a QoS-1 publisher sends: its constant headers, then a fresh id. The parser keeps
+    the constant part once (see `_fastpath.cached_headers`).
+    """
+
+    __slots__ = ("base", "msg_id")
+
+    def __init__(self, base: Mapping[str, str], msg_id: str) -> None:
+        self.base = base
+        self.msg_id = msg_id
+
+    def __getitem__(self, key: str) -> str:
+        if key == MSG_ID:
+            return self.msg_id
+        return self.base[key]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.base
+        yield MSG_ID
+
+    def __len__(self) -> int:
+        return len(self.base) + 1
+
+
 def split_headers(
     headers: Mapping[str, str], own_ids: str
 ) -> tuple[Mapping[str, str] | None, str | None]:
@@ -99,6 +126,10 @@ def split_headers(
 
     ``headers`` is never changed (it may be a parsed block shared by many messages).
     """
+    if type(headers) is WithMsgId and REVISION_HEADER not in headers.base:
+        if headers.msg_id.startswith(own_ids):
+            return (headers.base or None), None  # the shared block as it is: no copy
+        return headers, None  # another publisher's id: theirs to see
     rev = headers.get(REVISION_HEADER)
     msg_id = headers.get(MSG_ID)
     own_id = msg_id is not None and msg_id.startswith(own_ids)
@@ -129,5 +160,22 @@ def ack_reply_fields(reply: str) -> tuple[int, int, int]:
 
 
 def header_bytes(headers: Mapping[str, str]) -> int:
-    """The size of a header block on the wire (close enough to check max_payload)."""
-    return 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+    """The size of a header block on the wire (close enough to check max_payload).
+
+    A read-only mapping (the bus's constant headers) is measured once.
+    """
+    if type(headers) is MappingProxyType:
+        hit = _SIZES.get(id(headers))
+        if hit is not None and hit[0] is headers:
+            return hit[1]
+    size = 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+    if type(headers) is MappingProxyType:
+        if len(_SIZES) >= 64:
+            _SIZES.clear()
+        _SIZES[id(headers)] = (headers, size)
+    return size
+
+
+_SIZES: dict[int, tuple[Mapping[str, str], int]] = {}
+#: What the headers a JetStream publish may gain (`JS_HEADROOM`) add to a block.
+JS_HEADROOM_BYTES = header_bytes(JS_HEADROOM) - 12
