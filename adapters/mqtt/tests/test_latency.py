@@ -2,7 +2,8 @@
 
 Having just written (SUBSCRIBE, a PUBLISH) puts Linux's TCP in delayed-ACK mode, and the broker's
 Nagle then holds its next small packet until that ACK: the first message after a subscribe and
-each QoS 1 round trip waited ~44 ms. The transport re-arms TCP_QUICKACK where it is needed (see ``_Wire._ack_now``).
+each QoS 1 round trip waited ~44 ms. The transport re-arms TCP_QUICKACK where it is needed
+(see ``_Wire._ack_now``).
 These run on the shared broker (the stock configuration users have); the bounds are generous
 regression guards, the figures are in bench/bench_mqtt.py.
 """

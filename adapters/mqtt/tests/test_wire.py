@@ -118,6 +118,33 @@ def test_mqtt5_properties_we_read_and_those_we_skip() -> None:
         assert theirs.properties.SubscriptionIdentifier == ours[7]
 
 
+def test_a_repeated_property_block_reads_as_the_first() -> None:
+    """A block seen just before (a structured body's Content Type, one subscription id) is
+    taken from the last read; any other block is read anew."""
+    head = (3).to_bytes(2, "big") + b"a/b"
+    same = publish_properties(
+        ContentType="application/cloudevents+json", SubscriptionIdentifier=[9]
+    )
+    other = publish_properties(
+        ContentType="application/cloudevents+json", SubscriptionIdentifier=[8]
+    )
+    typed = publish_properties(ContentType="text/plain", SubscriptionIdentifier=[9])
+    seen = []
+    for props, body in [(same, b"1"), (same, b"2"), (other, b"3"), (typed, b"4"), (same, b"5")]:
+        packet = _publish_packet(head, body, 1, False, props, 7)
+        command, start, stop = split_fixed_header(packet)
+        ours = _parse_publish(command, packet, start, stop, True)
+        assert ours is not None
+        seen.append((ours[1], ours[6], ours[7]))
+    assert seen == [
+        (b"1", None, [9]),
+        (b"2", None, [9]),
+        (b"3", None, [8]),
+        (b"4", {"content-type": "text/plain"}, [9]),
+        (b"5", None, [9]),
+    ]
+
+
 def _unusual_packets() -> list[tuple[str, bytes, bool]]:
     a_b = (3).to_bytes(2, "big") + b"a/b"
     alias = publish_properties(TopicAlias=3)

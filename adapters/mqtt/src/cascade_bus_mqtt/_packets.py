@@ -283,6 +283,10 @@ def _remaining_length(data: bytes | bytearray, at: int, end: int) -> tuple[int, 
     return 0, -1
 
 
+# The property block of the last PUBLISH read without headers, and its subscription ids: the
+# next message usually carries the same block (no user properties to read anew).
+_LAST_PROPS: list[Any] = [b"\x00", None]
+
 _Received = tuple[str, bytes, int, int, bool, bool, "dict[str, str] | None", "list[int] | None"]
 
 
@@ -322,6 +326,13 @@ def _parse_publish(
         end = at + size
         if at < 0 or end > stop:
             return None
+        block_start = at
+        last = _LAST_PROPS[0]
+        if len(last) == size and data.startswith(last, at):
+            at = end  # the same properties as the last message's (a structured body, one id)
+            ids = _LAST_PROPS[1]
+        else:
+            block_start = -1
         while at < end:
             ident = data[at]
             at += 1
@@ -381,6 +392,8 @@ def _parse_publish(
                 return None
         if at != end:
             return None
+        if block_start < 0 and headers is None and size:  # read anew: kept for the next
+            _LAST_PROPS[:] = [bytes(data[end - size : end]), ids]
     return (
         topic,
         bytes(data[end:stop]),

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Awaitable, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import aiomqtt
@@ -119,6 +120,9 @@ class MqttTransport(NetworkTransport):
         self._wire: _Wire | None = None
         self._heads = TopicHeads()
         self._no_props = b"\x00" if self._v5 else b""
+        # The property block of the last constant header mapping sent (the bus's own).
+        self._props_of: Mapping[str, str] | None = None
+        self._last_props = b""
         self._written = asyncio.Event()
         self._tasks = TaskSet("mqtt")
         self._offline = OfflineBuffer(o.offline_buffer, self.stats, url.endpoint())
@@ -270,7 +274,14 @@ class MqttTransport(NetworkTransport):
         head = self._heads.get(topic)
         if head is None:
             head = self._heads.head(topic)
-        props = self._props(headers, retain) if headers or retain else self._no_props
+        if not (headers or retain):
+            props = self._no_props
+        elif headers is self._props_of and not retain:  # the bus's constant headers again
+            props = self._last_props
+        else:
+            props = self._props(headers, retain)
+            if type(headers) is MappingProxyType and not retain:
+                self._props_of, self._last_props = headers, props
         if len(data) > _MAX_PAYLOAD - 4 - len(head) - len(props):
             raise PayloadTooLarge(
                 f"message for {topic!r} is {len(data)} bytes; MQTT refuses it",
