@@ -220,9 +220,9 @@ class Connection:
             nc = t._nc
             if nc is None or t._closing or not nc.is_connected:
                 return
-            t._max_payload = nc.max_payload or t._max_payload
+            t.max_payload = nc.max_payload or t.max_payload
             if isinstance(t._writer, Writer):
-                t._writer.limit = t._max_payload
+                t._writer.limit = t.max_payload
             await t._outbox.resend_offline()
             if nc.is_connected and not self._again:
                 t._set_connected(True)

@@ -66,8 +66,8 @@ class Publishing:
             raise BusClosed("the NATS transport is closed")
         extra: dict[str, str] = dict(headers) if headers else {}
         size = len(data) + JS_HEADROOM_BYTES + (header_bytes(headers) if headers else 0)
-        if size > t._max_payload:
-            raise too_large(topic, size, t._max_payload)
+        if size > t.max_payload:
+            raise too_large(topic, size, t.max_payload)
         extra[MSG_ID] = self.next_msg_id()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         out = Out(topic, t._q1_prefix + t._subject(topic), data, extra, future, confirm=True)
@@ -201,7 +201,7 @@ class Publishing:
                 pass  # lost it just now: hold it like any other message while disconnected
             except (ValueError, nats_errors.Error) as exc:
                 topic = topic_from_subject(subject)
-                raise publish_error(exc, topic, len(data), t._max_payload) from exc
+                raise publish_error(exc, topic, len(data), t.max_payload) from exc
         held = Out(topic_from_subject(subject), subject, data, headers, None, confirm=False)
         held.reply = reply
         self.outbox.hold(held)

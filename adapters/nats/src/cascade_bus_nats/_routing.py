@@ -27,7 +27,7 @@ from cascade_bus.spi import (
 )
 
 from ._fastpath import PLAIN, Route, Router
-from ._mapper import topic_from_subject
+from ._mapper import ESCAPE, topic_from_subject
 from ._wire import ACK, INBOX, JS_ACK, ack_reply_fields, is_no_responders, split_headers
 
 if TYPE_CHECKING:
@@ -254,7 +254,12 @@ class Entry(TransportSubscription):
             if self.wild and (subject[0] == "$" or subject.startswith(INBOX)):
                 return
             if not reply and self.buffer is None and not self.waiting:
-                if not self.sink.deliver(Message(topic_from_subject(subject), data, headers)):
+                # `topic_from_subject` inline for the common subject without escapes
+                topic = (
+                    subject.replace(".", "/") if ESCAPE not in subject
+                    else topic_from_subject(subject)
+                )  # fmt: skip
+                if not self.sink.deliver(Message(topic, data, headers)):
                     self._start_drain()
                 return
         elif headers and is_no_responders(data, headers):

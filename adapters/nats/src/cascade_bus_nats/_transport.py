@@ -66,6 +66,9 @@ class NatsTransport(NatsPresence, NetworkTransport):
 
     capabilities: Capabilities = CAPABILITIES
     mapper: ClassVar[TopicMapper] = NatsTopicMapper()
+    #: The server's max_payload (from its INFO), 1 MiB before connecting: a plain attribute,
+    #: read by the bus on every publish (no property call).
+    max_payload: int = DEFAULT_MAX_PAYLOAD
     package: ClassVar[str] = "cascade-bus-nats"
 
     def __init__(self, url: BusURL, options: Mapping[str, Any]) -> None:
@@ -76,7 +79,7 @@ class NatsTransport(NatsPresence, NetworkTransport):
         self._nc: NatsClient | None = None
         self._router: Router | None = None  # None: nats-py's public API (see _fastpath)
         self._writer: Writer | PublicWriter
-        self._max_payload = DEFAULT_MAX_PAYLOAD
+        self.max_payload = DEFAULT_MAX_PAYLOAD
         self._subjects = subjects = Subjects(opts.qos1_prefix)
         self._subject = subjects.subject
         self._pub_prefixes = subjects.prefixes  # the hot path's caches, by topic
@@ -108,11 +111,6 @@ class NatsTransport(NatsPresence, NetworkTransport):
         """The nats-py client (None before `connect` and after `aclose`)."""
         return self._nc
 
-    @property
-    def max_payload(self) -> int | None:
-        """The server's max_payload (from its INFO), 1 MiB before connecting."""
-        return self._max_payload
-
     async def wait_jetstream(self) -> None:
         """Wait until the stream, bucket and QoS-1 consumers are checked after (re)connecting.
 
@@ -143,7 +141,7 @@ class NatsTransport(NatsPresence, NetworkTransport):
         else:
             log.info("nats-py %r internals differ: using its public API (slower)", nc)
             self._router, self._writer = None, PublicWriter(nc)
-        self._max_payload = nc.max_payload or DEFAULT_MAX_PAYLOAD
+        self.max_payload = nc.max_payload or DEFAULT_MAX_PAYLOAD
         try:
             if opts.tls is not None and not nc._server_info.get("tls_required"):
                 raise ConnectError(
@@ -166,8 +164,8 @@ class NatsTransport(NatsPresence, NetworkTransport):
 
     def _check_size(self, topic: str, data: bytes, headers: Mapping[str, str]) -> None:
         size = len(data) + header_bytes(headers)
-        if size > self._max_payload:
-            raise too_large(topic, size, self._max_payload)
+        if size > self.max_payload:
+            raise too_large(topic, size, self.max_payload)
 
     async def _publish_slow(
         self,
@@ -242,8 +240,8 @@ class NatsTransport(NatsPresence, NetworkTransport):
             return self._publish_fast(topic, data, headers, reply)
         # QoS 0 without a reply, connected: framed here and queued, no further call per message.
         if not headers:
-            if len(data) > self._max_payload:
-                raise too_large(topic, len(data), self._max_payload)
+            if len(data) > self.max_payload:
+                raise too_large(topic, len(data), self.max_payload)
             prefix = self._pub_prefixes.get(topic)
             if prefix is None:
                 prefix = self._subjects.pub_prefix(topic)
@@ -251,11 +249,11 @@ class NatsTransport(NatsPresence, NetworkTransport):
         elif type(headers) is MappingProxyType:  # the bus's constant headers: framed once
             head = self._hpub_heads.get(topic)
             if head is None or head[0] is not headers:
-                head = self._subjects.head(writer, topic, headers, self._max_payload)
+                head = self._subjects.head(writer, topic, headers, self.max_payload)
             block = head[2]
             size = len(block) + len(data)
-            if size > self._max_payload:
-                raise too_large(topic, size, self._max_payload)
+            if size > self.max_payload:
+                raise too_large(topic, size, self.max_payload)
             pending = writer.queue(head[1] + b"%d\r\n" % size + block, data)
         else:
             return self._publish_fast(topic, data, headers)
@@ -264,8 +262,8 @@ class NatsTransport(NatsPresence, NetworkTransport):
     def _publish_fast(
         self, topic: str, data: bytes, headers: Mapping[str, str] | None, reply: str = ""
     ) -> Awaitable[None] | None:
-        if len(data) > self._max_payload:
-            raise too_large(topic, len(data), self._max_payload)
+        if len(data) > self.max_payload:
+            raise too_large(topic, len(data), self.max_payload)
         writer = self._writer
         assert isinstance(writer, Writer)
         if not headers and not reply:
@@ -283,20 +281,20 @@ class NatsTransport(NatsPresence, NetworkTransport):
                 fixed, msg_id = headers, ""
             head = self._hpub_heads.get(topic)
             if head is None or head[0] is not fixed:
-                head = self._subjects.head(writer, topic, fixed, self._max_payload)
+                head = self._subjects.head(writer, topic, fixed, self.max_payload)
             try:
                 if msg_id:
                     pending = writer.publish_with_id(head, msg_id, data)
                 else:
                     pending = writer.publish_constant(head, data)
             except ValueError as exc:  # TooLarge
-                raise publish_error(exc, topic, len(data), self._max_payload) from exc
+                raise publish_error(exc, topic, len(data), self.max_payload) from exc
             return None if pending is None else self._room(pending)
         subject = self._subject(topic)
         try:
             pending = writer.publish(subject, data, headers, reply)
         except ValueError as exc:  # TooLarge, or a header name NATS cannot carry
-            raise publish_error(exc, topic, len(data), self._max_payload) from exc
+            raise publish_error(exc, topic, len(data), self.max_payload) from exc
         return None if pending is None else self._room(pending)
 
     async def _room(self, pending: Awaitable[Any]) -> None:
