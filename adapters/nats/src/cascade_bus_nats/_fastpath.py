@@ -304,13 +304,13 @@ class Router:
         route = self.routes.get(sid)
         if route is None:
             return self.original(sid, subject, reply, data, headers)
-        parsed = None
-        if headers:
-            parsed = _PARSED.get(headers)
-            if parsed is None:
-                parsed = cached_headers(headers)
-        try:
-            route(subject.decode(), reply.decode() if reply else "", data, parsed)
+        try:  # (`_parse` hands over whole frames itself: this is for the others)
+            route(
+                subject.decode(),
+                reply.decode() if reply else "",
+                data,
+                cached_headers(headers) if headers else None,
+            )
         except Exception:  # never let one message stop the connection's read loop
             log.exception("dropped a message on %r that could not be handed over", subject)
         return self.done
