@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from types import MappingProxyType
 from typing import Any
 
 import nats
@@ -11,6 +12,7 @@ import pytest
 from cascade_bus_nats import NatsTopicMapper
 from cascade_bus_nats._fastpath import cached_headers, install_parser, parse_headers
 from cascade_bus_nats._wire import WithMsgId, split_headers
+from cascade_bus_nats._writer import _header_block
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.protocol.parser import Parser
@@ -55,6 +57,22 @@ def test_cached_headers_read_as_parse_headers(lines: list[tuple[str, str]], stat
     raw = (f"NATS/1.0{status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in lines) + "\r\n").encode()
     for _ in range(2):  # the second read hits the cache
         assert dict(cached_headers(raw)) == parse_headers(raw)
+
+
+def test_a_qos1_id_is_framed_after_the_constant_block() -> None:
+    constant = MappingProxyType({"content-type": "application/cloudevents+json"})
+    framed = _header_block(WithMsgId(constant, "cbus:me:7"), set())
+    assert framed == _header_block({**constant, "Nats-Msg-Id": "cbus:me:7"}, set())
+    assert _header_block(WithMsgId(MappingProxyType({}), "x"), set()) == (
+        b"NATS/1.0\r\nNats-Msg-Id: x\r\n\r\n"
+    )
+
+
+def test_same_length_constant_parts_are_not_confused() -> None:
+    one = cached_headers(b"NATS/1.0\r\nk: aaaa\r\nNats-Msg-Id: 1\r\n\r\n")
+    two = cached_headers(b"NATS/1.0\r\nk: bbbb\r\nNats-Msg-Id: 2\r\n\r\n")
+    assert dict(one) == {"k": "aaaa", "Nats-Msg-Id": "1"}
+    assert dict(two) == {"k": "bbbb", "Nats-Msg-Id": "2"}
 
 
 def test_a_per_message_id_shares_the_rest_of_its_block() -> None:

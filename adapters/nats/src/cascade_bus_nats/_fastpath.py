@@ -127,22 +127,36 @@ def cached_headers(raw: bytes) -> Mapping[str, str]:
     cut = raw.rfind(b"\r\n", 0, len(raw) - 4)  # where the last header line starts
     if cut > 0 and raw.endswith(b"\r\n\r\n"):
         last = raw[cut + 2 : -4]
-        if last.startswith((_CE_ID, _MSG_ID)) and b"\n" not in last and b"\r" not in last:
-            base = raw[: cut + 2] + b"\r\n"
-            fixed = _PARSED.get(base)
-            if fixed is None and len(base) <= 512 and _ID_LINE not in base:
-                fixed = _keep(base, parse_headers(base))
-            if fixed is not None:
-                name, _, value = last.decode("utf-8", "replace").partition(":")
-                value = value.strip(" \t")
-                if name == "ce-id" and "ce-id" not in fixed:
-                    return WithId(fixed, value)
-                if name == MSG_ID and MSG_ID not in fixed:
-                    return WithMsgId(fixed, value)
+        name = MSG_ID if last.startswith(_MSG_ID) else "ce-id" if last.startswith(_CE_ID) else ""
+        if name and b"\n" not in last and b"\r" not in last:
+            fixed = _constant_part(raw, cut)
+            if fixed is not None and name not in fixed:
+                value = last[len(name) + 1 :].decode("utf-8", "replace").strip(" \t")
+                return WithMsgId(fixed, value) if name == MSG_ID else WithId(fixed, value)
     parsed = parse_headers(raw)
     if len(raw) > 512 or _MSG_ID in raw:  # long or per-message blocks: not kept
         return parsed
     return _keep(raw, parsed)
+
+
+def _constant_part(raw: bytes, cut: int) -> Mapping[str, str] | None:
+    """The parsed block before the last line (at ``cut``), the last one's again if equal."""
+    prefix, fixed = _LAST_PART
+    if len(prefix) == cut + 2 and raw.startswith(prefix):
+        return fixed  # type: ignore[no-any-return]
+    base = raw[: cut + 2] + b"\r\n"
+    fixed = _PARSED.get(base)
+    if fixed is None:
+        if len(base) > 512 or _ID_LINE in base:
+            return None
+        fixed = _keep(base, parse_headers(base))
+    _LAST_PART[:] = [raw[: cut + 2], fixed]
+    return fixed
+
+
+#: The constant part of the last block split by `cached_headers` (without its closing CRLF),
+#: and its parse: the next message of the same publisher has the same.
+_LAST_PART: list[Any] = [b"", None]
 
 
 def _keep(raw: bytes, parsed: dict[str, str]) -> Mapping[str, str]:

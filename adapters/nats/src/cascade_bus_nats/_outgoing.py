@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from cascade_bus.spi import DropReason, OfflineBuffer, Outgoing
@@ -47,7 +47,7 @@ class Out(Outgoing):
         topic: str,
         subject: str,
         data: bytes,
-        headers: dict[str, str] | None,
+        headers: Mapping[str, str] | None,
         future: asyncio.Future[None] | None,
         *,
         confirm: bool,

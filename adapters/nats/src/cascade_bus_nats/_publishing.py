@@ -12,6 +12,7 @@ import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import nats.errors as nats_errors
@@ -22,7 +23,17 @@ from cascade_bus.spi import DropReason
 from ._errors import GONE, publish_error, send_error, too_large
 from ._mapper import topic_from_subject
 from ._outgoing import Out, Outbox
-from ._wire import JS_HEADROOM, JS_HEADROOM_BYTES, KV_OP, MSG_ID, REVISION_HEADER, header_bytes
+from ._wire import (
+    JS_HEADROOM,
+    JS_HEADROOM_BYTES,
+    KV_OP,
+    MSG_ID,
+    REVISION_HEADER,
+    WithMsgId,
+    header_bytes,
+)
+
+_NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 if TYPE_CHECKING:
     from ._transport import NatsTransport
@@ -64,11 +75,15 @@ class Publishing:
         t = self.t
         if t._closed:
             raise BusClosed("the NATS transport is closed")
-        extra: dict[str, str] = dict(headers) if headers else {}
         size = len(data) + JS_HEADROOM_BYTES + (header_bytes(headers) if headers else 0)
         if size > t.max_payload:
             raise too_large(topic, size, t.max_payload)
-        extra[MSG_ID] = self.next_msg_id()
+        extra: Mapping[str, str]
+        if headers is None or (type(headers) is MappingProxyType and MSG_ID not in headers):
+            # The bus's constant headers and the id: the writer frames the constant part once.
+            extra = WithMsgId(headers or _NO_HEADERS, self.next_msg_id())
+        else:
+            extra = {**headers, MSG_ID: self.next_msg_id()}
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         out = Out(topic, t._q1_prefix + t._subject(topic), data, extra, future, confirm=True)
         pending = self.outbox.submit(out)

@@ -17,11 +17,14 @@ from typing import Any
 
 from nats.aio.client import Client as NatsClient
 
+from ._wire import MSG_ID, WithMsgId
+
 __all__ = ["PublicWriter", "TooLarge", "Writer"]
 
 _HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 _CRLF = b"\r\n"
+_MSG_ID = MSG_ID.encode()
 
 
 class TooLarge(ValueError):
@@ -33,6 +36,9 @@ class TooLarge(ValueError):
 
 
 def _header_block(headers: Mapping[str, str], checked: set[str]) -> bytes:
+    if type(headers) is WithMsgId:  # constant headers, framed once, and a QoS-1 message's id
+        base = _header_block(headers.base, checked)
+        return b"%s%s: %s\r\n\r\n" % (base[:-2], _MSG_ID, headers.msg_id.encode())
     constant = type(headers) is MappingProxyType
     if constant:
         hit = _BLOCKS.get(id(headers))
