@@ -86,6 +86,45 @@ async def test_a_lone_subscriber_gets_a_copy_too(connector: Connector) -> None:
     assert got is not sent
 
 
+async def test_the_lone_subscriber_path_follows_subscriptions_as_they_change(
+    connector: Connector,
+) -> None:
+    # From the second publish on, the bus pushes into a topic's only subscription itself (the
+    # transport's cached route); a subscription that comes or goes must be seen at once.
+    first, second = Received(), Received()
+    handle = await connector.subscribe("route/x", first)
+    for i in range(3):
+        sent = {"seq": i}
+        await connector.publish("route/x", sent)
+        sent["seq"] = -1  # each copy was taken at publish
+    assert [p for _, p in await first.wait(3)] == [{"seq": 0}, {"seq": 1}, {"seq": 2}]
+    await connector.subscribe("route/+", second)  # no longer the only one
+    await connector.publish("route/x", {"seq": 3})
+    await first.wait(4)
+    assert [p for _, p in await second.wait(1)] == [{"seq": 3}]
+    await handle.unsubscribe()  # the second is the only one now
+    await connector.publish("route/x", {"seq": 4})
+    await connector.publish("route/x", {"seq": 5})
+    assert [p["seq"] for _, p in await second.wait(3)] == [3, 4, 5]
+    assert [p["seq"] for _, p in first.calls] == [0, 1, 2, 3]  # nothing after it left
+    assert connector.bus is not None
+    assert connector.bus.stats().published == 6
+
+
+@pytest.mark.parametrize("bad", [["a", "b"], {"a": 1}, None, 7])
+async def test_a_topic_that_is_not_a_str_is_refused_by_type(url: str, bad: Any) -> None:
+    async with cascade_bus.connect(url) as bus:
+        with pytest.raises(cascade_bus.InvalidTopic):
+            await bus.publish(bad, {"a": 1})
+    conn = Connector(url, presence=False)
+    await conn.connect()
+    try:
+        await conn.publish(bad, {"a": 1})  # the Connector logs and counts, never raises
+        assert conn.publish_failures == 1
+    finally:
+        await conn.disconnect()
+
+
 async def test_a_slow_callback_holds_the_publisher_back(connector: Connector) -> None:
     gate = asyncio.Event()
     seen: list[int] = []

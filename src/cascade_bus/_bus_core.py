@@ -24,7 +24,7 @@ from ._host import BusHost, ErrorHook
 from ._middleware import Middleware, steps
 from ._presence import Presence
 from ._registry import get_transport
-from ._transport import LocalPublisher, Transport
+from ._transport import LocalPublisher, LocalRoute, Transport
 from ._url import BusURL
 
 if TYPE_CHECKING:
@@ -146,6 +146,13 @@ class BusCore:
         limit = transport.max_payload if self._payload_local is not None else None
         self._payload_near_limit = sys.maxsize if limit is None else limit - 1024
         self._local_msgpack = self._format == "msgpack"
+        # A JSON payload's copy goes straight into a topic's only subscription, where the
+        # transport has routed the topic before (`LocalPublisher.local_routes`).
+        self._local_routes: Mapping[str, LocalRoute] = (
+            transport.local_routes
+            if isinstance(transport, LocalPublisher) and not self._local_msgpack
+            else {}
+        )
         self._local_encode = local_payload_encoder(self._local_msgpack)
         # The transport's hot path, bound once.
         self._transport_send: Callable[..., Awaitable[None] | None] = transport.send

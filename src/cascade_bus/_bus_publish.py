@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Mapping
 from time import time as _time
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from . import _envelope, _stub
 from ._bus_lifecycle import BusLifecycle
 from ._cloudevents_binary import WithId
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
     from datetime import datetime
 
 __all__ = ["BusPublishing"]
+
+#: Untyped JSON: an in-process subscription's own copy of a payload (as `MemoryTransport`'s).
+_json_copy = msgspec.json.Decoder().decode
 
 
 class BusPublishing(BusLifecycle):
@@ -75,6 +80,7 @@ class BusPublishing(BusLifecycle):
         """
         if (
             self._stub_publish
+            and self._live
             and not (retain or headers or type or correlation_id or reply_to)
             and builtins.type(payload) is not bytes
         ):  # in process, no metadata: `_publish_payload` checks and hands over a `Stub`
@@ -85,10 +91,7 @@ class BusPublishing(BusLifecycle):
         if not self._live:
             self._check_open()
         if builtins.type(topic) is not str or topic not in self._valid_topics:
-            validate_topic(topic)
-            if len(self._valid_topics) >= 4096:
-                self._valid_topics.clear()
-            self._valid_topics.add(topic)
+            self._learn_topic(topic)
         if qos:
             self._check_qos(qos)
         if retain and not self.capabilities.retain:
@@ -163,6 +166,7 @@ class BusPublishing(BusLifecycle):
         to wait on (a full subscriber, QoS 1; on other transports, `publish` itself).
         ``seq`` and ``when`` are the stub's (see `Stub`): by default a sequence number and a
         UNIX time, which `Bus.publish` replaces with the id and datetime it would send.
+        The caller has checked that the bus is open (``_live``).
 
         Raises:
             As `publish`.
@@ -170,13 +174,11 @@ class BusPublishing(BusLifecycle):
         local = self._payload_local
         if local is None:
             return self.publish(topic, payload, qos=qos)
-        if not self._live:
-            self._check_open()
-        if builtins.type(topic) is not str or topic not in self._valid_topics:
+        try:
+            if topic not in self._valid_topics:  # (equal to a str checked before: one)
+                self._learn_topic(topic)
+        except TypeError:  # unhashable, so not a topic
             validate_topic(topic)
-            if len(self._valid_topics) >= 4096:
-                self._valid_topics.clear()
-            self._valid_topics.add(topic)
         if qos:
             self._check_qos(qos)
         msgpack = self._local_msgpack
@@ -199,15 +201,35 @@ class BusPublishing(BusLifecycle):
             _stub.next_seq() if seq is None else seq,
             _time() if when is None else when,
         )
-        try:
-            pending = local(topic, (stub, body, msgpack), qos)
-        except BusError:
-            self._stats.drop(DropReason.PUBLISH_FAILED)
-            raise
+        route = self._local_routes.get(topic)
+        sink = None if route is None else route.single
+        if sink is not None:  # its only subscription gets a copy: `SubscriptionSink.push` inlined
+            item = (topic, _json_copy(body), (stub, body, False))
+            buf = sink._buf
+            if len(buf) < sink._push_high:
+                buf.append(item)
+                if sink._waiter is not None:
+                    sink._wake()
+                self._stats.published += 1
+                return None
+            pending: Awaitable[None] | None = None if sink.push(item) else sink.ready()
+        else:
+            try:
+                pending = local(topic, (stub, body, msgpack), qos)
+            except BusError:
+                self._stats.drop(DropReason.PUBLISH_FAILED)
+                raise
         if pending is None:
             self._stats.published += 1
             return None
         return self._finish_send(topic, pending, qos)
+
+    def _learn_topic(self, topic: str) -> None:
+        """Validate a publish topic and remember it, so the next publish to it skips the check."""
+        validate_topic(topic)
+        if len(self._valid_topics) >= 4096:
+            self._valid_topics.clear()
+        self._valid_topics.add(topic)
 
     def _send(
         self,

@@ -180,6 +180,8 @@ class MemoryTransport(Transport):
                 "no port, path or second host"
             )
         self.broker = MemoryBroker.named(url.host or url.name or "default")
+        # `LocalPublisher.local_routes`: the broker's route cache (cleared in place, never replaced)
+        self.local_routes: Mapping[str, _Route] = self.broker._routes
         self._members: list[_Member] = []
         self._open = False
 
@@ -246,8 +248,7 @@ class MemoryTransport(Transport):
         """
         if not self._open:
             raise BusClosed("memory transport is closed")
-        broker = self.broker
-        route = broker._routes.get(topic) or broker.route(topic)
+        route = self.local_routes.get(topic) or self.broker.route(topic)
         body = local[1]
         sink = route.single
         if sink is not None and body is not None and not local[2]:

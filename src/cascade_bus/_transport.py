@@ -12,7 +12,7 @@ import abc
 import asyncio
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, ClassVar, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, runtime_checkable
 
 import msgspec
 
@@ -22,8 +22,12 @@ from ._stats import StatsRecorder
 from ._topics import IdentityMapper, TopicMapper
 from ._url import BusURL
 
+if TYPE_CHECKING:
+    from ._sink import SubscriptionSink
+
 __all__ = [
     "LocalPublisher",
+    "LocalRoute",
     "Message",
     "MessageSink",
     "NetworkTransport",
@@ -102,14 +106,26 @@ class MessageSink(Protocol):
         """
 
 
+class LocalRoute(Protocol):
+    """The subscriptions one concrete topic reaches in an in-process transport."""
+
+    @property
+    def single(self) -> SubscriptionSink | None:
+        """The topic's only subscription if it takes pushed payloads (`SubscriptionSink.push`)."""
+
+
 @runtime_checkable
 class LocalPublisher(Protocol):
     """The in-process fast path a transport may declare (memory://), checked once at open.
 
     ``publish_local(topic, (envelope, payload_body, is_msgpack), qos)`` hands a bus's envelope to
     subscriptions in this process without encoding a body (see `Message.local`); returns like
-    `Transport.send`.
+    `Transport.send`. ``local_routes`` is its live route cache, read-only: topic to `LocalRoute`,
+    filled by `publish_local` and emptied whenever a subscription comes or goes; a bus pushes a
+    JSON payload's copy straight into a cached route's `LocalRoute.single` (no call).
     """
+
+    local_routes: Mapping[str, LocalRoute]
 
     def publish_local(
         self, topic: str, local: tuple[Any, bytes | None, bool], qos: int

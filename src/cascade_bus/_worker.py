@@ -108,7 +108,7 @@ class HandlerWorker(SubscriptionSink):
                 await waiter
                 continue
             item = buf.popleft()
-            if len(buf) <= low and self._room is not None:
+            if self._room is not None and len(buf) <= low:
                 self._made_room()
             if type(item) is tuple:  # pushed by a publisher in this process: ours alone
                 topic, payload, _ = item
