@@ -24,10 +24,11 @@ from ._host import BusHost, ErrorHook
 from ._middleware import Middleware, steps
 from ._presence import Presence
 from ._registry import get_transport
-from ._transport import LocalPublisher, LocalRoute, Transport
+from ._transport import LocalPublisher, Transport
 from ._url import BusURL
 
 if TYPE_CHECKING:
+    from ._sink import SubscriptionSink
     from ._subscription import Subscription
 
 __all__ = ["BusCore", "State"]
@@ -147,9 +148,9 @@ class BusCore:
         self._payload_near_limit = sys.maxsize if limit is None else limit - 1024
         self._local_msgpack = self._format == "msgpack"
         # A JSON payload's copy goes straight into a topic's only subscription, where the
-        # transport has routed the topic before (`LocalPublisher.local_routes`).
-        self._local_routes: Mapping[str, LocalRoute] = (
-            transport.local_routes
+        # transport has routed the topic before (`LocalPublisher.local_singles`).
+        self._local_singles: Mapping[str, SubscriptionSink] = (
+            transport.local_singles
             if isinstance(transport, LocalPublisher) and not self._local_msgpack
             else {}
         )

@@ -189,7 +189,7 @@ class BusPublishing(BusLifecycle):
                 f"cannot encode payload of type {builtins.type(payload).__name__} for topic "
                 f"{topic!r}: {exc}"
             ) from None
-        if (msgpack or body.find(b"null") >= 0) and suspect(body, msgpack):  # inlined
+        if (msgpack or body.partition(b"null")[1]) and suspect(body, msgpack):  # inlined
             check_finite(payload, body, msgpack=msgpack, topic=topic)
         if len(body) > self._payload_near_limit:  # near the limit: measure it all
             if self._publish_local is None:  # (the raw format: it sends the payload alone)
@@ -198,11 +198,10 @@ class BusPublishing(BusLifecycle):
         stub = (
             topic,
             self._source,
-            _stub.next_seq() if seq is None else seq,
-            _time() if when is None else when,
+            seq or _stub.next_seq(),  # (an id or a datetime is never false)
+            when or _time(),
         )
-        route = self._local_routes.get(topic)
-        sink = None if route is None else route.single
+        sink = self._local_singles.get(topic)
         if sink is not None:  # its only subscription gets a copy: `SubscriptionSink.push` inlined
             item = (topic, _json_copy(body), (stub, body, False))
             buf = sink._buf

@@ -25,10 +25,12 @@ _MSGPACK_SUSPECTS = (b"\xcb\x7f", b"\xcb\xff")
 
 def suspect(body: bytes, msgpack: bool = False) -> bool:
     """True when ``body`` (an encoded payload or envelope) could carry a NaN or infinity."""
+    # ``partition``, not ``find`` (which parses its arguments the slow way: twice the cost on a
+    # small body) nor ``in`` (which first tries the argument as an int and clears a TypeError).
     if msgpack:
-        return body.find(_MSGPACK_SUSPECTS[0]) >= 0 or body.find(_MSGPACK_SUSPECTS[1]) >= 0
-    # Not ``in``: bytes.__contains__ first tries the argument as an int and clears a TypeError.
-    return body.find(_JSON_SUSPECT) >= 0
+        plus, minus = _MSGPACK_SUSPECTS
+        return bool(body.partition(plus)[1] or body.partition(minus)[1])
+    return bool(body.partition(_JSON_SUSPECT)[1])
 
 
 def find_non_finite(value: Any) -> str | None:

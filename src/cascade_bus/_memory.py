@@ -48,7 +48,7 @@ class _Member:
 class _Route:
     """The subscriptions one concrete topic reaches: plain ones and queue groups."""
 
-    __slots__ = ("delivers", "groups", "others", "plain", "pushes", "single")
+    __slots__ = ("delivers", "groups", "only_pushes", "others", "plain", "pushes", "single")
 
     def __init__(
         self, plain: list[_Member], groups: list[tuple[list[_Member], itertools.count[int]]]
@@ -71,6 +71,10 @@ class _Route:
         self.single = (
             self.pushes[0] if len(self.pushes) == 1 and not self.others and not groups else None
         )
+        # Several subscriptions, every one taking payloads: `publish_local` pushes copies only.
+        self.only_pushes = (
+            self.pushes if len(self.pushes) > 1 and not self.others and not groups else None
+        )
 
 
 class MemoryBroker:
@@ -83,6 +87,8 @@ class MemoryBroker:
         self.members: list[_Member] = []
         self.retained: dict[str, tuple[bytes, Mapping[str, str] | None]] = {}
         self._routes: dict[str, _Route] = {}
+        # Topic -> its only subscription, where that one takes payloads (`route().single`).
+        self.singles: dict[str, SubscriptionSink] = {}
         self._group_counters: dict[tuple[str, str], itertools.count[int]] = {}
 
     @classmethod
@@ -101,7 +107,7 @@ class MemoryBroker:
                 if topic_matches(pattern, topic):
                     member.sink.deliver(Message(topic, data, headers, retained=True))
         self.members.append(member)
-        self._routes.clear()
+        self._forget_routes()
 
     def remove(self, member: _Member) -> None:
         """Unregister a subscription (no-op when it is already gone)."""
@@ -109,7 +115,7 @@ class MemoryBroker:
             self.members.remove(member)
         except ValueError:
             return
-        self._routes.clear()
+        self._forget_routes()
 
     def route(self, topic: str) -> _Route:
         """Return (and cache) the subscriptions a concrete topic reaches."""
@@ -128,9 +134,16 @@ class MemoryBroker:
                 for key, members in grouped.items()
             ]
             if len(self._routes) > 10_000:
-                self._routes.clear()
+                self._forget_routes()
             route = self._routes[topic] = _Route(plain, groups)
+            if route.single is not None:
+                self.singles[topic] = route.single
         return route
+
+    def _forget_routes(self) -> None:
+        """Drop the cached routes (a subscription came or went): emptied in place."""
+        self._routes.clear()
+        self.singles.clear()
 
     def set_retained(self, topic: str, data: bytes, headers: Mapping[str, str] | None) -> None:
         """Store (or, with an empty body, clear) the retained message of a topic."""
@@ -180,8 +193,8 @@ class MemoryTransport(Transport):
                 "no port, path or second host"
             )
         self.broker = MemoryBroker.named(url.host or url.name or "default")
-        # `LocalPublisher.local_routes`: the broker's route cache (cleared in place, never replaced)
-        self.local_routes: Mapping[str, _Route] = self.broker._routes
+        # `LocalPublisher.local_singles`: the broker's, emptied in place, never replaced
+        self.local_singles: Mapping[str, SubscriptionSink] = self.broker.singles
         self._members: list[_Member] = []
         self._open = False
 
@@ -248,21 +261,26 @@ class MemoryTransport(Transport):
         """
         if not self._open:
             raise BusClosed("memory transport is closed")
-        route = self.local_routes.get(topic) or self.broker.route(topic)
+        route = self.broker._routes.get(topic) or self.broker.route(topic)
         body = local[1]
-        sink = route.single
-        if sink is not None and body is not None and not local[2]:
-            # One subscription, the common case: it gets the payload decoded from the body,
-            # its own copy (made here, before the publisher can change its object); `push`
-            # inlined.
-            item = (topic, _decode(body), local)
-            buf = sink._buf
-            if len(buf) < sink._push_high:
-                buf.append(item)
-                if sink._waiter is not None:
-                    sink._wake()
-                return None
-            return None if sink.push(item) else sink.ready()
+        if body is not None and not local[2]:
+            sink = route.single
+            if sink is not None:
+                # One subscription, the common case: it gets the payload decoded from the
+                # body, its own copy (made here, before the publisher can change its object);
+                # `push` inlined.
+                item = (topic, _decode(body), local)
+                buf = sink._buf
+                if len(buf) < sink._push_high:
+                    buf.append(item)
+                    if sink._waiter is not None:
+                        sink._wake()
+                    return None
+                return None if sink.push(item) else sink.ready()
+            pushes = route.only_pushes
+            if pushes is not None:  # several, all taking payloads: a copy each, nothing else
+                full = self._push_copies(pushes, topic, _decode(body), local)
+                return _wait_ready(full) if full else None
         if not route.plain and not route.groups:
             if qos:
                 self.stats.drop(DropReason.NO_SUBSCRIBER)
@@ -303,7 +321,7 @@ class MemoryTransport(Transport):
         body = local[1]
         assert body is not None
         kind = type(first)
-        flat = kind is dict and body.count(b"{") == 1 and body.find(b"[") < 0
+        flat = kind is dict and body.count(b"{") == 1 and not body.partition(b"[")[1]
         shared = kind in _IMMUTABLE
         full: list[MessageSink] | None = None
         last = pushes[-1]

@@ -29,10 +29,17 @@ if TYPE_CHECKING:
     from ._host import SubscriptionHost
     from ._policy import Handler, SubscriptionPolicy
 
-__all__ = ["Pushed", "SubscriptionSink", "as_decode_error"]
+__all__ = ["RECEIVED", "Pushed", "Queued", "SubscriptionSink", "as_decode_error"]
 
 #: What an in-process publisher `push`es: ``(topic, this subscription's payload, local)``.
 Pushed = tuple[str, Any, tuple[Any, bytes | None, bool]]
+
+#: Stands in a `Pushed`'s payload for a received `Message` (``(topic, RECEIVED, message)``):
+#: a sink with ``_wrap`` set (the `Connector`'s) queues every message in that form, so its
+#: worker tells the kinds apart by the payload it checks anyway (see `HandlerWorker.start`).
+RECEIVED: Any = object()
+#: What a subscription's queue holds: messages, pushed payloads, or messages wrapped as those.
+Queued = Message | Pushed | tuple[str, Any, Message]
 
 log = logging.getLogger("cascade_bus")
 _HIGH_WATER = 1024
@@ -70,7 +77,7 @@ class SubscriptionSink:
         self._decode_local = decoder.decode_local
         self._json_copy = decoder.untyped_json
         self._policy = policy
-        self._buf: deque[Message | Pushed] = deque()
+        self._buf: deque[Queued] = deque()
         self._limit = policy.buffer_size
         # Flow control ("block") starts at a soft high-water mark below the hard limit: letting
         # a publisher run 10,000 messages ahead only adds cache misses and GC survivors.
@@ -112,6 +119,7 @@ class SubscriptionSink:
         self._ledger: RetainedLedger | None = None
         self.takes_payloads = False
         """Set by the handler worker: in-process publishers may `push` pre-copied payloads."""
+        self._wrap = False  # queue messages as ``(topic, RECEIVED, message)`` (see RECEIVED)
 
     def push(self, item: Pushed) -> bool:
         """For an in-process transport: queue ``(topic, payload copy, local)``, as `deliver`.
@@ -136,7 +144,7 @@ class SubscriptionSink:
                 return self._overflow == "drop_newest"
             oldest = buf.popleft()
             self._release(oldest)
-            if type(oldest) is not tuple:
+            if type(oldest) is not tuple or oldest[1] is RECEIVED:
                 self._processed += 1  # the discarded one will never be handled
         buf.append(item)
         if self._waiter is not None:
@@ -186,7 +194,7 @@ class SubscriptionSink:
             # from completing. The broker keeps the retained copy: acknowledging now is safe.
             self._release(message)
             message = msgspec.structs.replace(message, ack=None)
-        buf.append(message)
+        buf.append((message.topic, RECEIVED, message) if self._wrap else message)
         self._received += 1
         waiter = self._waiter
         if waiter is not None:
@@ -209,7 +217,8 @@ class SubscriptionSink:
         gone = self._ledger.end()
         # Past the overflow cap if need be: there are never more clears than retained topics
         # this subscription held, and the transport cannot be slowed down for them.
-        self._buf.extend(Message(topic, b"", retained=True) for topic in gone)
+        clears = [Message(topic, b"", retained=True) for topic in gone]
+        self._buf.extend([(m.topic, RECEIVED, m) for m in clears] if self._wrap else clears)
         self._received += len(gone)
         if gone:
             self._wake()
@@ -239,14 +248,15 @@ class SubscriptionSink:
                 timeout,
             )
 
-    def _release(self, message: Message | Pushed) -> None:
+    def _release(self, message: Queued) -> None:
         """Acknowledge now a message that will not be acknowledged after a handler ran.
 
         That is one this subscription dropped (counted), or an iterator's retained replay.
         Without the ack an at-least-once transport would keep it in flight forever and stall.
         """
-        if type(message) is Message and message.ack is not None:  # not a pushed payload
-            self._host.spawn(self._ack(message))
+        received = message[2] if type(message) is tuple and message[1] is RECEIVED else message
+        if type(received) is Message and received.ack is not None:  # not a pushed payload
+            self._host.spawn(self._ack(received))
 
     async def _ack(self, message: Message) -> None:
         assert message.ack is not None

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LocalPublisher",
-    "LocalRoute",
     "Message",
     "MessageSink",
     "NetworkTransport",
@@ -106,26 +105,19 @@ class MessageSink(Protocol):
         """
 
 
-class LocalRoute(Protocol):
-    """The subscriptions one concrete topic reaches in an in-process transport."""
-
-    @property
-    def single(self) -> SubscriptionSink | None:
-        """The topic's only subscription if it takes pushed payloads (`SubscriptionSink.push`)."""
-
-
 @runtime_checkable
 class LocalPublisher(Protocol):
     """The in-process fast path a transport may declare (memory://), checked once at open.
 
     ``publish_local(topic, (envelope, payload_body, is_msgpack), qos)`` hands a bus's envelope to
     subscriptions in this process without encoding a body (see `Message.local`); returns like
-    `Transport.send`. ``local_routes`` is its live route cache, read-only: topic to `LocalRoute`,
-    filled by `publish_local` and emptied whenever a subscription comes or goes; a bus pushes a
-    JSON payload's copy straight into a cached route's `LocalRoute.single` (no call).
+    `Transport.send`. ``local_singles`` is live and read-only: a topic to its only subscription,
+    where that one takes pushed payloads, filled as `publish_local` routes topics and emptied
+    whenever a subscription comes or goes; a bus pushes a JSON payload's copy straight into
+    it (`SubscriptionSink.push`, no call).
     """
 
-    local_routes: Mapping[str, LocalRoute]
+    local_singles: Mapping[str, SubscriptionSink]
 
     def publish_local(
         self, topic: str, local: tuple[Any, bytes | None, bool], qos: int

@@ -11,11 +11,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from inspect import isawaitable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
-from ._sink import Pushed, SubscriptionSink, as_decode_error
+from ._sink import RECEIVED, Pushed, SubscriptionSink, as_decode_error
 from ._stats import DropReason
 from ._stub import envelope_of
 from ._transport import Message
@@ -74,6 +74,7 @@ class HandlerWorker(SubscriptionSink):
             and self._json_copy is not None
         )
         run = self._run_payloads(handler) if payloads else self._run()  # type: ignore[arg-type]
+        self._wrap = payloads  # its queue holds received messages wrapped (`RECEIVED`)
         # Untyped JSON, in order, no filter: an in-process publisher may hand over its copies.
         self.takes_payloads = (
             in_process
@@ -89,7 +90,11 @@ class HandlerWorker(SubscriptionSink):
         self._task = asyncio.get_running_loop().create_task(run, name=name)
 
     async def _run_payloads(self, handler: PayloadHandler) -> None:
-        """`_run` for a `PayloadHandler`: ``callback(topic, payload)``, no envelope built."""
+        """`_run` for a `PayloadHandler`: ``callback(topic, payload)``, no envelope built.
+
+        Its queue holds `Pushed` items only, received messages wrapped as one (`RECEIVED`), so
+        the payload's type check (a dict, or shape it) is the only one on the pushed path.
+        """
         buf = self._buf
         callback = handler.callback
         shape = handler.shape
@@ -110,45 +115,50 @@ class HandlerWorker(SubscriptionSink):
             item = buf.popleft()
             if self._room is not None and len(buf) <= low:
                 self._made_room()
-            if type(item) is tuple:  # pushed by a publisher in this process: ours alone
-                topic, payload, _ = item
-                if type(payload) is not dict:
-                    payload = shape(payload)
-                try:
-                    await callback(topic, payload)
-                except Exception as exc:  # retried or reported with a fresh copy
+            topic, payload, extra = item  # type: ignore[misc]  # (always a 3-tuple here)
+            if type(payload) is not dict:
+                if payload is RECEIVED:  # a message from the transport
+                    message: Message = extra  # type: ignore[assignment]  # (see RECEIVED)
+                    local = message.local
                     try:
-                        await self._failed(self._envelope(item), exc)
-                    except asyncio.CancelledError:
+                        if local is not None and local[1] is not None and not local[2]:
+                            payload = json_copy(local[1])
+                        elif local is None:
+                            payload = decode(topic, message.data, message.headers).payload
+                        else:
+                            payload = decode_local(local).payload
+                        if type(payload) is not dict:
+                            payload = shape(payload)
+                    except Exception as exc:  # a bad message must never stop the subscription
+                        stats.drop(DropReason.DECODE_ERROR)
+                        self._host.report(as_decode_error(exc, topic), topic, None)
+                        await self._finish(message)
+                        continue
+                    try:
+                        await callback(topic, payload)
+                    except Exception as exc:  # retried or reported with a fresh copy
+                        try:
+                            await self._failed(self._envelope(message), exc)
+                        except asyncio.CancelledError:
+                            stats.drop(self._end_reason)
+                            raise
+                    except asyncio.CancelledError:  # the subscription ended under it
                         stats.drop(self._end_reason)
                         raise
-                except asyncio.CancelledError:  # the subscription ended under this message
-                    stats.drop(self._end_reason)
-                    raise
-                else:
-                    stats.delivered += 1
-                continue  # (not counted: see `SubscriptionSink.push`)
-            message: Message = item  # type: ignore[assignment]  # (mypy: not narrowed)
-            local = message.local
+                    else:
+                        stats.delivered += 1
+                    if message.ack is None and self._progress is None:
+                        self._processed += 1
+                    else:
+                        await self._finish(message)
+                    continue
+                payload = shape(payload)
+            # pushed by a publisher in this process: ours alone
             try:
-                if local is not None and local[1] is not None and not local[2]:
-                    payload = json_copy(local[1])
-                elif local is None:
-                    payload = decode(message.topic, message.data, message.headers).payload
-                else:
-                    payload = decode_local(local).payload
-                if type(payload) is not dict:
-                    payload = shape(payload)
-            except Exception as exc:  # a bad message must never stop the subscription
-                stats.drop(DropReason.DECODE_ERROR)
-                self._host.report(as_decode_error(exc, message.topic), message.topic, None)
-                await self._finish(message)
-                continue
-            try:
-                await callback(message.topic, payload)
-            except Exception as exc:  # retried or reported with a fresh copy in an envelope
+                await callback(topic, payload)
+            except Exception as exc:  # retried or reported with a fresh copy
                 try:
-                    await self._failed(self._envelope(message), exc)
+                    await self._failed(self._envelope(cast(Pushed, item)), exc)
                 except asyncio.CancelledError:
                     stats.drop(self._end_reason)
                     raise
@@ -157,10 +167,7 @@ class HandlerWorker(SubscriptionSink):
                 raise
             else:
                 stats.delivered += 1
-            if message.ack is None and self._progress is None:
-                self._processed += 1
-            else:
-                await self._finish(message)
+            # (not counted in `_processed`: see `SubscriptionSink.push`)
 
     def _envelope(self, message: Message | Pushed) -> Envelope[Any]:
         """A fresh envelope of a message already decoded once (for retries and reports)."""
@@ -204,7 +211,7 @@ class HandlerWorker(SubscriptionSink):
             try:
                 if type(item) is tuple:  # pushed by a publisher in this process: ours alone
                     message = _PUSHED  # nothing to acknowledge
-                    _, payload, (env, _, _) = item
+                    _, payload, (env, _, _) = item  # type: ignore[misc]  # (never wrapped here)
                     if type(env) is tuple:  # a `Stub`
                         env = envelope_of(env, payload)
                     else:
