@@ -258,3 +258,57 @@ async def test_the_bus_api_raises_what_the_connector_counts(url: str) -> None:
             bus._publish_payload("bad/x", {"v": math.nan})
         with pytest.raises(cascade_bus.InvalidTopic):
             bus._publish_payload("bad/+", {"v": 1})
+
+
+async def test_messages_the_transport_delivers_reach_the_callback_in_order(url: str) -> None:
+    # Retained replays and publishes with metadata reach a Connector subscription as messages
+    # (not pushed payloads); it queues them in the pushed form (`RECEIVED`), FIFO with the rest.
+    async with cascade_bus.connect(url) as bus:
+        await bus.publish("wrapped/r", {"kept": True}, retain=True)
+        connector = Connector(url, presence=False)
+        await connector.connect()
+        try:
+            received = Received()
+            await connector.subscribe("wrapped/+", received)
+            assert received.calls == [("wrapped/r", {"kept": True})]  # before subscribe returned
+            await bus.publish("wrapped/x", {"n": 1}, headers={"h": "1"})  # a message
+            await connector.publish("wrapped/x", {"n": 2})  # a pushed payload
+            await bus.publish("wrapped/x", "text", headers={"h": "3"})  # shaped for Cascade
+            calls = await received.wait(4)
+            assert calls[1:] == [
+                ("wrapped/x", {"n": 1}),
+                ("wrapped/x", {"n": 2}),
+                ("wrapped/x", {"value": "text"}),
+            ]
+        finally:
+            await connector.disconnect()
+
+
+async def test_a_full_payload_subscription_drops_wrapped_messages_counted(url: str) -> None:
+    from cascade_bus._worker import PayloadHandler
+
+    gate = asyncio.Event()
+    seen: list[int] = []
+    four = asyncio.Event()
+
+    class Slow(PayloadHandler):
+        async def callback(self, _topic: str, payload: Any) -> None:
+            await gate.wait()
+            seen.append(payload["n"])
+            if len(seen) == 4:
+                four.set()
+
+    errors: list[Exception] = []
+    async with cascade_bus.connect(url, on_error=lambda e, *_: errors.append(e)) as bus:
+        await bus.subscribe("full/x", Slow(), buffer_size=4, overflow="drop_oldest")
+        for n in range(10):  # with headers: messages, not pushed payloads; no yield between
+            await bus.publish("full/x", {"n": n}, headers={"k": "v"})
+        gate.set()
+        async with asyncio.timeout(WAIT):
+            await four.wait()
+        assert seen == [6, 7, 8, 9]  # the newest four
+        stats = bus.stats()
+        assert stats.dropped.get(DropReason.OVERFLOW) == 6
+        assert stats.delivered == 4
+        assert stats.buffered == 0
+        assert errors == []
