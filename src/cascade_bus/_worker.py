@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["HandlerWorker", "PayloadHandler"]
 
 #: The queue length at which an in-process publisher waits for a handler subscription.
-_LOCAL_HIGH_WATER = 128
+_LOCAL_HIGH_WATER = 64
 
 #: Stands for a pushed item once its envelope is built: no ack, nothing to release.
 _PUSHED = Message("", b"")
