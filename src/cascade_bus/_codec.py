@@ -101,7 +101,7 @@ class Codec:
             raise EncodeError(
                 f"cannot encode payload of type {type(payload).__name__}: {exc}"
             ) from None
-        if body.find(_NULL) >= 0:  # a NaN would have become null: look closer (rarely)
+        if body.partition(_NULL)[1]:  # a NaN would have become null: look closer (rarely)
             check_finite(payload, body, topic=topic)
         return body
 
@@ -193,7 +193,7 @@ class Codec:
             raise EncodeError(
                 f"cannot encode payload of type {type(payload).__name__} for topic {topic!r}: {exc}"
             ) from None
-        if body.find(_NULL) >= 0:  # a NaN would have become null: look closer (rarely)
+        if body.partition(_NULL)[1]:  # a NaN would have become null: look closer (rarely)
             check_finite(payload, body, topic=topic)
         return body
 
@@ -203,24 +203,36 @@ class Codec:
         Raises:
             EncodeError: the payload is not encodable.
         """
-        fmt = fmt or self.fmt
+        if fmt is None:
+            fmt = self.fmt
         if env.retained:  # how it was received, not part of the message
             env = msgspec.structs.replace(env, retained=False)
+        if fmt == "msgpack":
+            try:
+                body = encode_msgpack(env)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise _not_encodable(env, exc) from None
+            check_finite(env.payload, body, msgpack=True, topic=env.topic)
+            return body
         try:
-            if fmt != "msgpack" and not env.headers and type(env.payload) is not bytes:
+            if not env.headers and type(env.payload) is not bytes:
                 body = _json_encode(env)  # `encode_json`'s common case, inlined
             else:
-                body = (encode_msgpack if fmt == "msgpack" else encode_json)(env)
+                body = encode_json(env)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise EncodeError(
-                f"cannot encode payload of type {type(env.payload).__name__} for topic "
-                f"{env.topic!r}: {exc}"
-            ) from None
-        if fmt == "msgpack" or body.find(_NULL) >= 0:
-            check_finite(env.payload, body, msgpack=fmt == "msgpack", topic=env.topic)
+            raise _not_encodable(env, exc) from None
+        if body.partition(_NULL)[1]:  # a NaN would have become null: look closer (rarely)
+            check_finite(env.payload, body, topic=env.topic)
         return body
 
     binary_headers = staticmethod(binary_headers)
+
+
+def _not_encodable(env: Envelope[Any], exc: Exception) -> EncodeError:
+    """The error for an envelope msgspec could not encode."""
+    return EncodeError(
+        f"cannot encode payload of type {type(env.payload).__name__} for topic {env.topic!r}: {exc}"
+    )
 
 
 class EnvelopeDecoder:
