@@ -22,6 +22,7 @@ public API (`_writer.PublicWriter`, subscription callbacks) instead: slower, sam
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 import re
@@ -77,6 +78,7 @@ def supported(nc: NatsClient) -> bool:
         and isinstance(getattr(nc, "_pending_data_size", None), int)
         and isinstance(getattr(nc, "_max_pending_size", None), int)
         and isinstance(getattr(nc, "_flush_queue", None), asyncio.Queue)
+        and isinstance(getattr(nc._flush_queue, "_queue", None), collections.deque)
         and isinstance(getattr(nc, "_sid", None), int)
         and isinstance(getattr(nc, "stats", None), dict)
         and callable(getattr(nc, "_flush_pending", None))

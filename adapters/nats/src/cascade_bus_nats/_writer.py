@@ -174,7 +174,7 @@ class Writer:
             return nc._flush_pending(force_flush=True)
         queue = nc._flush_queue
         assert queue is not None
-        if queue.empty():
+        if not queue._queue:  # type: ignore[attr-defined]  # `empty()`, no call (see `supported`)
             queue.put_nowait(self.kick)
         return None
 
