@@ -141,23 +141,8 @@ class BusPublishing(BusLifecycle):
             return
         if self._plain_json and not (headers or correlation_id or reply_to or type):
             if builtins.type(payload) is not bytes:
-                # The common network publish: `_send` inlined (one call less per message).
                 data = self._codec.encode_plain(topic, payload)
-                limit = self.transport.max_payload
-                if limit is None or len(data) <= limit:
-                    try:
-                        pending = self._transport_send(
-                            topic, data, qos, retain, self._structured, None
-                        )
-                    except BusError as exc:
-                        self._stats.drop(_reason_for(exc))
-                        raise
-                    if pending is None:  # handed over synchronously
-                        self._stats.published += 1
-                        return
-                    await self._finish_send(topic, pending, qos)
-                    return
-                native = self._structured  # too large: `_send` counts and raises
+                native = self._structured
             else:
                 data, native = self._encode(topic, payload, None, None, None, None)
         else:
